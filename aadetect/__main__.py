@@ -1,0 +1,3 @@
+from aadetect.cli import main
+
+main()

@@ -1,0 +1,212 @@
+"""The YAML model card: what was trained on what, how, and where its thresholds came from.
+
+The card is plain data (dataclasses) so it round-trips through ``yaml.safe_load``
+and is checked field by field when read: a hand-edited or damaged card gives a
+clear error that names the field, never a crash later on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from aadetect.errors import UserError
+
+FORMAT_VERSION = 1
+CARD_FILE = "card.yaml"
+WEIGHTS_FILE = "weights.pt"
+DENSITY_FILE = "density.npz"
+VALIDATION_FILE = "validation.txt"
+REJECTED_FILE = "rejected.txt"
+
+
+@dataclass
+class DataInfo:
+    path: str
+    image_count: int  # usable images found (train + validation)
+    sha256: str  # over the sorted file names and contents
+    skipped: list[str]  # unreadable files, with the reason
+    validation_count: int
+    validation_file: str
+    rejected_count: int  # likely outliers left out by robust training
+    rejected_file: str
+
+
+@dataclass
+class Preprocessing:
+    image_size: int
+    channels: int
+    resize: str
+    normalisation: str
+
+
+@dataclass
+class ArchitectureInfo:
+    image_size: int
+    channels: int
+    latent_dim: int
+    widths: list[int]
+    discriminator_width: int
+
+
+@dataclass
+class TrainingInfo:
+    settings: dict[str, Any]  # the TrainConfig, verbatim
+    device: str
+    epochs_run: int
+    best_epoch: int
+    seconds: float
+    final_losses: dict[str, float]
+    torch_version: str
+
+
+@dataclass
+class DensityInfo:
+    estimator: str
+    bandwidth: str
+    factor: float
+    n_codes: int
+    file: str
+
+
+@dataclass
+class Thresholds:
+    """The OR rule: anomalous when reconstruction_error > reconstruction or log_density < density.
+
+    The scales (robust spreads on held-out good images) put both excesses in one unit,
+    so that ``score`` is the larger normalised excess and is positive exactly when the rule fires.
+    """
+
+    reconstruction: float
+    density: float
+    reconstruction_scale: float
+    density_scale: float
+    calibrated: bool
+    method: str
+
+
+@dataclass
+class Calibration:
+    created: str
+    objective: str
+    target_fpr: float | None
+    good_count: int
+    anomalous_count: int
+    good_path: str
+    anomalous_path: str | None
+    metrics: dict[str, float]
+    warnings: list[str]
+
+
+@dataclass
+class ModelCard:
+    format_version: int
+    aadetect_version: str
+    created: str
+    error_measure: str
+    data: DataInfo
+    preprocessing: Preprocessing
+    architecture: ArchitectureInfo
+    training: TrainingInfo
+    density: DensityInfo
+    thresholds: Thresholds
+    files: dict[str, str]  # file name -> sha256, checked on load
+    calibration: Calibration | None = None
+    intended_use: str = field(default=(
+        "Flag images unlike the good images this model was trained on. Anomaly scores are only meaningful "
+        "for images from the same source and imaging set-up; calibrate the thresholds on labelled samples "
+        "before relying on the decisions."))
+
+    def to_yaml(self) -> str:
+        import yaml
+
+        return yaml.safe_dump(_plain(dataclasses.asdict(self)), sort_keys=False, allow_unicode=True)
+
+    @classmethod
+    def from_yaml(cls, text: str, source: str = CARD_FILE) -> ModelCard:
+        import yaml
+
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise UserError(f"{source}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        if not isinstance(data, dict):
+            raise UserError(f"{source}: not a model card (expected a mapping)")
+        version = data.get("format_version")
+        if version != FORMAT_VERSION:
+            raise UserError(f"{source}: unknown card format_version {version!r} (this aadetect reads {FORMAT_VERSION})")
+        card = _build(cls, data, source, "")
+        card.check()
+        return card
+
+    def check(self) -> None:
+        """Values that parse but cannot work."""
+        for name in ("reconstruction", "density", "reconstruction_scale", "density_scale"):
+            value = getattr(self.thresholds, name)
+            if not math.isfinite(value):
+                raise UserError(f"{CARD_FILE}: thresholds.{name} is not a finite number ({value})")
+        if self.thresholds.reconstruction_scale <= 0 or self.thresholds.density_scale <= 0:
+            raise UserError(f"{CARD_FILE}: threshold scales must be positive")
+        if self.preprocessing.channels not in (1, 3):
+            raise UserError(f"{CARD_FILE}: preprocessing.channels must be 1 or 3")
+
+
+def _plain(value: Any) -> Any:
+    """Builtin types only (numpy scalars become floats and ints), so safe_dump can write them."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if hasattr(value, "item") and not isinstance(value, (str, bytes)):
+        return value.item()
+    return value
+
+
+def _build(cls, data: Any, source: str, where: str):
+    """Make dataclass `cls` from parsed YAML, checking every field's presence and type."""
+    if not isinstance(data, dict):
+        raise UserError(f"{source}: {where or 'card'} must be a mapping")
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for spec in dataclasses.fields(cls):
+        key = f"{where}{spec.name}"
+        if spec.name not in data:
+            if spec.default is not dataclasses.MISSING or spec.default_factory is not dataclasses.MISSING:
+                continue
+            raise UserError(f"{source}: missing key {key!r}")
+        values[spec.name] = _convert(hints[spec.name], data[spec.name], source, key)
+    return cls(**values)
+
+
+def _convert(hint, value: Any, source: str, key: str):
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = [h for h in typing.get_args(hint) if h is not type(None)]
+        if value is None:
+            return None
+        return _convert(options[0], value, source, key)
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, source, key + ".")
+    expected = origin or hint
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    ok = isinstance(value, expected) and not (expected in (int, float) and isinstance(value, bool))
+    if not ok:
+        raise UserError(f"{source}: {key} must be {getattr(expected, '__name__', expected)}, got {value!r:.60}")
+    return value
+
+
+def read_card(model_dir: Path) -> ModelCard:
+    path = Path(model_dir) / CARD_FILE
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"{path}: no model card here (train a model first, or pass --model)") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: cannot read model card ({exc})") from None
+    return ModelCard.from_yaml(text, str(path))

@@ -1,0 +1,340 @@
+"""The command line: parse options, call the library, print data on stdout and everything else on stderr.
+
+Heavy imports (torch, scipy, the library modules that need them) happen inside the
+commands, so that `aadetect --help` and `aadetect --version` start instantly.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from aadetect import __version__
+from aadetect.config import TrainConfig
+from aadetect.errors import UserError
+
+app = typer.Typer(
+    name="aadetect",
+    help="Find anomalous images with an adversarial autoencoder and a latent-space density.\n\n"
+         "Typical use: `aadetect train ./good`, then `aadetect calibrate --good G --anomalous A`, "
+         "then `aadetect score img.png`.",
+    no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+DEFAULT_MODEL = "aadetect-model"
+EXIT_ANOMALY, EXIT_USAGE = 1, 2
+SCORE_FIELDS = ("path", "reconstruction_error", "log_density", "score", "anomaly", "reason", "error")
+
+
+class ScoreFormat(str, Enum):
+    table = "table"
+    jsonl = "jsonl"
+    csv = "csv"
+
+
+class ReportFormat(str, Enum):
+    table = "table"
+    json = "json"
+
+
+class Objective(str, Enum):
+    balanced_accuracy = "balanced-accuracy"
+    f1 = "f1"
+
+
+class ErrorMeasure(str, Enum):
+    mse = "mse"
+    mae = "mae"
+    rmse = "rmse"
+
+
+ModelOption = Annotated[Path, typer.Option("--model", "-m", envvar="AADETECT_MODEL",
+                                           help="Model folder written by `train` (env: AADETECT_MODEL).")]
+DeviceOption = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N. auto picks CUDA when present.")]
+QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or notes on stderr.")]
+
+
+def say(message: str) -> None:
+    """Human-facing text goes to stderr; stdout carries data only."""
+    typer.echo(message, err=True)
+
+
+def user_errors(command):
+    """Turn the user's mistakes into one line on stderr and an exit code, never a traceback."""
+    @functools.wraps(command)
+    def run(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except UserError as error:
+            say(f"aadetect: error: {error}")
+            raise typer.Exit(error.exit_code) from None
+        except KeyboardInterrupt:
+            say("aadetect: interrupted")
+            raise typer.Exit(130) from None
+    return run
+
+
+def reporter_for(quiet: bool):
+    from aadetect.progress import ConsoleReporter
+
+    return ConsoleReporter(quiet=quiet)
+
+
+def version_callback(value: bool) -> None:
+    if value:
+        typer.echo(f"aadetect {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(
+    version: Annotated[Optional[bool], typer.Option("--version", callback=version_callback, is_eager=True,
+                                                    help="Print the version and exit.")] = None,
+) -> None:
+    """Find anomalous images with an adversarial autoencoder."""
+
+
+@app.command()
+@user_errors
+def train(
+    data: Annotated[Path, typer.Argument(help="Folder of good images (png, jpg, bmp, tif; searched recursively), "
+                                              "or a .npy/.npz array shaped (N,H,W) or (N,H,W,C).")],
+    out: Annotated[Path, typer.Option("--out", "-o", envvar="AADETECT_MODEL",
+                                      help="Model folder to write (env: AADETECT_MODEL).")] = Path(DEFAULT_MODEL),
+    epochs: Annotated[int, typer.Option(help="Most training epochs (early stopping may end sooner).")] = 40,
+    image_size: Annotated[int, typer.Option(help="Side in pixels the images are resized to; "
+                                                 "0 = auto: 32 for digit-sized data, 64 otherwise.")] = 0,
+    latent_dim: Annotated[int, typer.Option(help="Size of the bottleneck code.")] = 16,
+    batch_size: Annotated[int, typer.Option(help="Images per training step.")] = 64,
+    error: Annotated[ErrorMeasure, typer.Option(help="Reconstruction error measure.")] = ErrorMeasure.mse,
+    seed: Annotated[int, typer.Option(help="Random seed: same seed, data and device give the same model.")] = 0,
+    device: DeviceOption = "auto",
+    adversarial: Annotated[bool, typer.Option(help="Match the codes to a Gaussian prior (off: plain autoencoder).")] = True,
+    robust: Annotated[bool, typer.Option(help="Reject likely outliers in DATA during training.")] = True,
+    strict: Annotated[bool, typer.Option(help="Stop at the first unreadable file instead of skipping it.")] = False,
+    resume: Annotated[bool, typer.Option(help="Continue an interrupted run from its checkpoint.")] = False,
+    list_rejected: Annotated[bool, typer.Option(help="Print the training images rejected as likely outliers "
+                                                     "on stdout, one per line.")] = False,
+    quiet: QuietOption = False,
+) -> None:
+    """Train a detector on a folder of good images and write a model folder with its card."""
+    config = TrainConfig(epochs=epochs, image_size=image_size, latent_dim=latent_dim, batch_size=batch_size,
+                         error=error.value, seed=seed, device=device, adversarial=adversarial, robust=robust,
+                         strict=strict)
+    config.validate()
+    from aadetect.pipeline import train_detector
+
+    reporter = reporter_for(quiet)
+    summary = train_detector(data, config, out, reporter=reporter, resume=resume)
+    card = summary.card
+    reporter.info(f"model written to {summary.model_dir} ({card.data.image_count} images, "
+                  f"{card.training.epochs_run} epochs, {card.training.seconds:.0f} s, "
+                  f"{card.data.rejected_count} rejected as likely outliers)")
+    if list_rejected:
+        for name in summary.rejected:
+            typer.echo(name)
+
+
+@app.command()
+@user_errors
+def calibrate(
+    good: Annotated[Path, typer.Option(help="Folder of labelled good images.")],
+    anomalous: Annotated[Optional[Path], typer.Option(help="Folder of labelled anomalous images.")] = None,
+    model: ModelOption = Path(DEFAULT_MODEL),
+    objective: Annotated[Objective, typer.Option(help="What the joint threshold search maximises.")]
+        = Objective.balanced_accuracy,
+    target_fpr: Annotated[Optional[float], typer.Option(help="Flag at most this fraction of the good samples.")]
+        = None,
+    format: Annotated[ReportFormat, typer.Option("--format", "-f", help="Output format.")] = ReportFormat.table,
+    device: DeviceOption = "auto",
+    quiet: QuietOption = False,
+) -> None:
+    """Choose both thresholds from a few labelled samples and write them into the model card."""
+    from aadetect.pipeline import calibrate_detector
+
+    card = calibrate_detector(model, good, anomalous, objective=objective.value, target_fpr=target_fpr,
+                              device=device, reporter=reporter_for(quiet))
+    report = {"thresholds": {"reconstruction": card.thresholds.reconstruction, "density": card.thresholds.density},
+              "metrics": card.calibration.metrics, "good_count": card.calibration.good_count,
+              "anomalous_count": card.calibration.anomalous_count, "warnings": card.calibration.warnings}
+    if format == ReportFormat.json:
+        typer.echo(json.dumps(report))
+    else:
+        print_table("calibration", [("reconstruction threshold", report["thresholds"]["reconstruction"]),
+                                    ("density threshold", report["thresholds"]["density"]),
+                                    *report["metrics"].items()])
+
+
+@app.command()
+@user_errors
+def score(
+    paths: Annotated[list[str], typer.Argument(help="Images or folders to score; '-' reads paths from stdin, "
+                                                    "one per line.", show_default=False)],
+    model: ModelOption = Path(DEFAULT_MODEL),
+    format: Annotated[ScoreFormat, typer.Option("--format", "-f", help="Output format.")] = ScoreFormat.table,
+    null: Annotated[bool, typer.Option("--null", "-0", help="Paths on stdin are NUL-separated "
+                                                             "(for names with newlines).")] = False,
+    device: DeviceOption = "auto",
+    quiet: QuietOption = False,
+) -> None:
+    """Score images. Exit status: 0 all normal, 1 some anomalous, 2 usage error or unreadable input."""
+    from aadetect.images import Unreadable, expand
+    from aadetect.scoring import Detector
+
+    detector = Detector.load(model, device)
+    expanded = list(expand(read_paths(paths, null)))
+    refs = [item for item in expanded if not isinstance(item, Unreadable)]
+    writer = RowWriter(format)
+    unreadable = anomalous = False
+    results = iter(detector.score_images(refs))
+    for item in expanded:  # input order, bad paths and bad images alike
+        if isinstance(item, Unreadable):
+            ref_name, row, error = item.name, None, item.message
+        else:
+            ref, row, error = next(results)
+            ref_name = ref.name
+        if error is not None:
+            unreadable = True
+            if not quiet:
+                say(f"aadetect: error: {error}")
+        anomalous |= bool(row and row["anomaly"])
+        writer.write({"path": ref_name, **(row or {}), "error": error})
+    writer.close()
+    raise typer.Exit(EXIT_USAGE if unreadable else EXIT_ANOMALY if anomalous else 0)
+
+
+@app.command()
+@user_errors
+def evaluate(
+    good: Annotated[Path, typer.Option(help="Folder of labelled good images.")],
+    anomalous: Annotated[Path, typer.Option(help="Folder of labelled anomalous images.")],
+    model: ModelOption = Path(DEFAULT_MODEL),
+    format: Annotated[ReportFormat, typer.Option("--format", "-f", help="Output format.")] = ReportFormat.table,
+    device: DeviceOption = "auto",
+    quiet: QuietOption = False,
+) -> None:
+    """Measure a model on labelled images: AUROC, AUPRC, balanced accuracy, F1, confusion."""
+    from aadetect.pipeline import evaluate_detector
+
+    report = evaluate_detector(model, good, anomalous, device=device, reporter=reporter_for(quiet))
+    print_report(report, format)
+
+
+@app.command()
+@user_errors
+def demo(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the demo's images and model.")]
+        = Path("aadetect-demo"),
+    seed: Annotated[int, typer.Option(help="Seed for the generated images and the training.")] = 0,
+    format: Annotated[ReportFormat, typer.Option("--format", "-f", help="Output format.")] = ReportFormat.table,
+    quiet: QuietOption = False,
+) -> None:
+    """Run the whole job offline on generated microscope-like cell images and print the evaluation."""
+    from aadetect.demo import run_demo
+
+    reporter = reporter_for(quiet)
+    report = run_demo(out, seed=seed, reporter=reporter)
+    print_report(report, format)
+
+
+def read_paths(paths: list[str], null: bool) -> list[str]:
+    """Arguments as given; '-' is replaced by the paths read from stdin."""
+    result = []
+    for path in paths:
+        if path != "-":
+            result.append(path)
+            continue
+        text = sys.stdin.buffer.read().decode("utf-8", "surrogateescape")
+        lines = text.split("\0") if null else text.splitlines()
+        result.extend(line for line in lines if line.strip())
+    if not result:
+        raise UserError("no images to score (give paths, or '-' with paths on stdin)")
+    return result
+
+
+class RowWriter:
+    """Score rows to stdout: JSON lines and CSV stream as they come, a table is drawn at the end."""
+
+    def __init__(self, format: ScoreFormat):
+        self.format = format
+        self.rows: list[dict] = []
+        if format == ScoreFormat.csv:
+            import csv
+
+            self.csv = csv.DictWriter(sys.stdout, fieldnames=SCORE_FIELDS, lineterminator="\n")
+            self.csv.writeheader()
+
+    def write(self, row: dict) -> None:
+        row = {name: row.get(name) for name in SCORE_FIELDS}
+        if self.format == ScoreFormat.jsonl:
+            sys.stdout.write(json.dumps(row, ensure_ascii=False) + "\n")
+            sys.stdout.flush()
+        elif self.format == ScoreFormat.csv:
+            self.csv.writerow({k: ("" if v is None else repr(v) if isinstance(v, float) else v)
+                               for k, v in row.items()})
+            sys.stdout.flush()
+        else:
+            self.rows.append(row)
+
+    def close(self) -> None:
+        if self.format != ScoreFormat.table:
+            return
+        from rich.table import Table
+
+        table = Table(*SCORE_FIELDS[:-1])
+        for row in self.rows:
+            if row["error"]:
+                table.add_row(row["path"], "", "", "", "", f"[red]{row['error']}[/red]")
+            else:
+                table.add_row(row["path"], f"{row['reconstruction_error']:.6g}", f"{row['log_density']:.6g}",
+                              f"{row['score']:.4g}", "yes" if row["anomaly"] else "no", row["reason"])
+        stdout_console().print(table)
+
+
+def stdout_console():
+    """Rich output for stdout; when piped, wide enough that no column is cut."""
+    from rich.console import Console
+
+    return Console() if sys.stdout.isatty() else Console(width=1000, no_color=True)
+
+
+def print_table(title: str, items) -> None:
+    from rich.table import Table
+
+    table = Table("metric", "value", title=title)
+    for name, value in items:
+        table.add_row(str(name), f"{value:.6g}" if isinstance(value, float) else str(value))
+    stdout_console().print(table)
+
+
+def print_report(report: dict, format: ReportFormat) -> None:
+    if format == ReportFormat.json:
+        typer.echo(json.dumps(report))
+        return
+    from rich.table import Table
+
+    ranking = Table("signal", "AUROC", "AUPRC", title="ranking (higher is better)")
+    for signal in ("reconstruction", "density", "combined"):
+        ranking.add_row(signal, f"{report['auroc'][signal]:.4f}", f"{report['auprc'][signal]:.4f}")
+    decision = Table("metric", "value", title="decisions at the card's thresholds"
+                     + ("" if report["thresholds_calibrated"] else " (uncalibrated defaults)"))
+    for name in ("balanced_accuracy", "f1", "tpr", "fpr"):
+        decision.add_row(name, f"{report[name]:.4f}")
+    counts = report["confusion"]
+    decision.add_row("confusion", f"tp {counts['tp']}  fp {counts['fp']}  tn {counts['tn']}  fn {counts['fn']}")
+    decision.add_row("images", f"{report['n_good']} good, {report['n_anomalous']} anomalous")
+    console = stdout_console()
+    console.print(ranking)
+    console.print(decision)
+
+
+def main() -> None:
+    app()

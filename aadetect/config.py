@@ -1,0 +1,82 @@
+"""Typed settings that flow from the CLI into the library and into the model card."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from aadetect.errors import UserError
+
+ERROR_MEASURES = ("mse", "mae", "rmse")
+AUTO = 0  # image_size == AUTO: pick the size from the data
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that decides what `train` builds; recorded verbatim in the card."""
+
+    epochs: int = 40
+    image_size: int = AUTO
+    latent_dim: int = 16
+    batch_size: int = 64
+    error: str = "mse"
+    seed: int = 0
+    device: str = "auto"
+    learning_rate: float = 1e-3
+    adversarial: bool = True
+    adversarial_weight: float = 1.0
+    robust: bool = True
+    reject_z: float = 3.5
+    validation_fraction: float = 0.1
+    patience: int = 8
+    target_fpr: float = 0.05
+    strict: bool = False
+
+    def validate(self) -> None:
+        """Fail fast, before any expensive work, on settings that cannot work."""
+        if self.epochs < 1:
+            raise UserError(f"--epochs must be at least 1, got {self.epochs}")
+        if self.image_size != AUTO and (self.image_size < 8 or self.image_size % 4):
+            raise UserError(f"--image-size must be 0 (auto) or a multiple of 4 that is at least 8, got {self.image_size}")
+        if self.image_size > 512:
+            raise UserError(f"--image-size must be at most 512, got {self.image_size}")
+        if self.latent_dim < 1 or self.latent_dim > 256:
+            raise UserError(f"--latent-dim must be between 1 and 256, got {self.latent_dim}")
+        if self.batch_size < 2:
+            raise UserError(f"--batch-size must be at least 2, got {self.batch_size}")
+        if self.error not in ERROR_MEASURES:
+            raise UserError(f"--error must be one of {', '.join(ERROR_MEASURES)}, got {self.error!r}")
+        if not 0.0 < self.validation_fraction < 0.5:
+            raise UserError(f"validation fraction must be in (0, 0.5), got {self.validation_fraction}")
+        check_fraction("--target-fpr", self.target_fpr)
+        if self.learning_rate <= 0:
+            raise UserError(f"--learning-rate must be positive, got {self.learning_rate}")
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """Shape of the networks: enough to rebuild them from the card before loading weights."""
+
+    image_size: int
+    channels: int
+    latent_dim: int
+    widths: tuple[int, ...]
+    discriminator_width: int = 256
+
+    @classmethod
+    def for_images(cls, image_size: int, channels: int, latent_dim: int) -> Architecture:
+        """Halve the image until it is small and odd-or-4: one conv stage per halving."""
+        widths: list[int] = []
+        size = image_size
+        while size % 2 == 0 and size > 4:
+            widths.append(min(32 * 2 ** len(widths), 128))
+            size //= 2
+        return cls(image_size=image_size, channels=channels, latent_dim=latent_dim, widths=tuple(widths))
+
+    @property
+    def bottom_size(self) -> int:
+        return self.image_size // 2 ** len(self.widths)
+
+
+def check_fraction(option: str, value: float) -> None:
+    if not 0.0 < value < 1.0:
+        raise UserError(f"{option} must be between 0 and 1 (exclusive), got {value}")

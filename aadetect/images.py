@@ -1,0 +1,288 @@
+"""Finding and decoding images: one code path for training, scoring and evaluation.
+
+Pillow (torchvision's own image backend) decodes every format the tool accepts,
+including BMP and TIFF, which torchvision.io cannot read; it also applies EXIF
+rotation and guards against decompression bombs.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+
+from aadetect.errors import UserError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+ARRAY_SUFFIXES = (".npy", ".npz")
+MAX_PIXELS = 64_000_000  # larger images are refused as likely decompression bombs
+GRAYSCALE_MODES = {"1", "L", "LA", "I", "F", "I;16", "I;16L", "I;16B", "I;16N"}
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    """Where one image comes from: a file, or one entry of a .npy/.npz array."""
+
+    path: Path
+    index: int | None = None
+
+    @property
+    def name(self) -> str:
+        return str(self.path) if self.index is None else f"{self.path}[{self.index}]"
+
+
+def find_images(path: str | os.PathLike) -> list[ImageRef]:
+    """All images under a folder (recursively, sorted), in an array file, or the one image file."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: no such file or folder")
+    if path.is_dir():
+        refs = [ImageRef(p) for p in _walk_images(path)]
+        if not refs:
+            raise UserError(f"{path}: no images found (looked for {', '.join(IMAGE_SUFFIXES)})")
+        return refs
+    suffix = path.suffix.lower()
+    if suffix in ARRAY_SUFFIXES:
+        return [ImageRef(path, i) for i in range(len(_read_array(path)))]
+    if suffix in IMAGE_SUFFIXES:
+        return [ImageRef(path)]
+    raise UserError(f"{path}: unsupported format {suffix or '(no suffix)'!r} "
+                    f"(supported: {', '.join(IMAGE_SUFFIXES + ARRAY_SUFFIXES)})")
+
+
+def _walk_images(root: Path) -> list[Path]:
+    """Recursive search that follows symlinked folders but never loops."""
+    found: list[Path] = []
+    seen: set[tuple[int, int]] = set()
+    for folder, subfolders, files in os.walk(root, followlinks=True):
+        stat = os.stat(folder)
+        if (stat.st_dev, stat.st_ino) in seen:
+            subfolders.clear()
+            continue
+        seen.add((stat.st_dev, stat.st_ino))
+        subfolders.sort()
+        found.extend(Path(folder) / f for f in files if Path(f).suffix.lower() in IMAGE_SUFFIXES)
+    return sorted(found)
+
+
+_ARRAY_CACHE: dict[Path, np.ndarray] = {}
+
+
+def _read_array(path: Path) -> np.ndarray:
+    """Load and check a (N,H,W) or (N,H,W,C) image array once per process."""
+    if path in _ARRAY_CACHE:
+        return _ARRAY_CACHE[path]
+    try:
+        loaded = np.load(path, allow_pickle=False, mmap_mode="r" if path.suffix.lower() == ".npy" else None)
+    except Exception as exc:  # numpy raises many types for bad files
+        raise UserError(f"{path}: not a readable numpy file ({_reason(exc)})") from None
+    if isinstance(loaded, np.lib.npyio.NpzFile):
+        with loaded:
+            keys = list(loaded.keys())
+            key = next((k for k in ("images", "x", "X", "arr_0") if k in keys), keys[0] if len(keys) == 1 else None)
+            if key is None:
+                raise UserError(f"{path}: holds several arrays {keys}; name the images array 'images'")
+            try:
+                array = loaded[key]
+            except Exception as exc:
+                raise UserError(f"{path}: cannot read array {key!r} ({_reason(exc)})") from None
+    else:
+        array = loaded
+    if array.ndim == 4 and array.shape[-1] not in (1, 3, 4):
+        raise UserError(f"{path}: expected images shaped (N,H,W) or (N,H,W,C) with C in 1, 3, 4; got {array.shape}")
+    if array.ndim not in (3, 4) or array.shape[0] == 0 or min(array.shape[1:3]) < 1:
+        raise UserError(f"{path}: expected images shaped (N,H,W) or (N,H,W,C); got {array.shape}")
+    if not (np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)
+            or array.dtype == np.bool_):
+        raise UserError(f"{path}: unsupported dtype {array.dtype} (use uint8, or floats in [0, 1])")
+    if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
+        raise UserError(f"{path}: contains NaN or infinite values")
+    _ARRAY_CACHE[path] = array
+    return array
+
+
+def array_to_uint8(array: np.ndarray) -> np.ndarray:
+    """uint8 pixels from any numeric image array: floats in [0,1] or [0,255], 16-bit, bool."""
+    if array.dtype == np.uint8:
+        return array
+    values = np.asarray(array, dtype=np.float64)
+    if array.dtype == np.bool_ or (np.issubdtype(array.dtype, np.floating) and values.max(initial=0) <= 1.0):
+        values = values * 255.0
+    elif values.max(initial=0) > 255:
+        values = values / 257.0  # 16-bit range
+    return np.clip(np.rint(values), 0, 255).astype(np.uint8)
+
+
+def image_mode(ref: ImageRef) -> tuple[int, int, int]:
+    """(width, height, channels) read from the header alone, without decoding pixels."""
+    if ref.index is not None:
+        array = _read_array(ref.path)
+        channels = 1 if array.ndim == 3 or array.shape[-1] == 1 else 3
+        return array.shape[2], array.shape[1], channels
+    with _open(ref) as image:
+        return image.width, image.height, 1 if image.mode in GRAYSCALE_MODES else 3
+
+
+def decode(ref: ImageRef, size: int, channels: int) -> np.ndarray:
+    """Pixels as uint8 (channels, size, size): the model's input, identical for train and score."""
+    from PIL import Image
+
+    if ref.index is not None:
+        pixels = array_to_uint8(np.asarray(_read_array(ref.path)[ref.index]))
+        if pixels.ndim == 3 and pixels.shape[-1] == 1:
+            pixels = pixels[..., 0]
+        image = Image.fromarray(np.ascontiguousarray(pixels[..., :3]) if pixels.ndim == 3 else pixels)
+        return _finish(image, size, channels)
+    try:
+        with _open(ref) as image:
+            image.load()
+            return _finish(_upright(image), size, channels)
+    except UserError:
+        raise
+    except Exception as exc:  # Pillow raises many types on corrupt data
+        raise UserError(f"{ref.name}: cannot decode image ({_reason(exc)})") from None
+
+
+def _open(ref: ImageRef):
+    from PIL import Image, UnidentifiedImageError
+
+    path = ref.path
+    try:
+        if path.stat().st_size == 0:
+            raise UserError(f"{ref.name}: empty file")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(path)
+    except UserError:
+        raise
+    except FileNotFoundError:
+        raise UserError(f"{ref.name}: no such file") from None
+    except PermissionError:
+        raise UserError(f"{ref.name}: permission denied") from None
+    except IsADirectoryError:
+        raise UserError(f"{ref.name}: is a folder, not an image") from None
+    except UnidentifiedImageError:
+        raise UserError(f"{ref.name}: not a recognised image (corrupt, or not an image at all)") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise UserError(f"{ref.name}: image too large (over {MAX_PIXELS:,} pixels)") from None
+    except Exception as exc:
+        raise UserError(f"{ref.name}: cannot open image ({_reason(exc)})") from None
+    if image.width * image.height > MAX_PIXELS:
+        image.close()
+        raise UserError(f"{ref.name}: image too large ({image.width}x{image.height}, over {MAX_PIXELS:,} pixels)")
+    return image
+
+
+def _upright(image):
+    from PIL import ImageOps
+
+    return ImageOps.exif_transpose(image) or image
+
+
+def _finish(image, size: int, channels: int) -> np.ndarray:
+    """Convert to L or RGB (16-bit scaled, alpha dropped), resize, and lay out as (C, H, W)."""
+    from PIL import Image
+
+    if image.mode.startswith("I") or image.mode == "F":
+        image = Image.fromarray(array_to_uint8(np.asarray(image)))
+    image = image.convert("L" if channels == 1 else "RGB")
+    if image.size != (size, size):
+        image = image.resize((size, size), Image.Resampling.BILINEAR)
+    pixels = np.asarray(image, dtype=np.uint8)
+    return pixels[None] if channels == 1 else np.ascontiguousarray(pixels.transpose(2, 0, 1))
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return text[:200]
+
+
+def choose_image_size(shapes: list[tuple[int, int, int]]) -> int:
+    """Default model size: 32 px for digit-sized data, 64 px for anything larger."""
+    sides = sorted(max(w, h) for w, h, _ in shapes)
+    return 32 if sides[len(sides) // 2] <= 32 else 64
+
+
+@dataclass(frozen=True)
+class Unreadable:
+    """A path given by the user that yielded no images, and why."""
+
+    name: str
+    message: str
+
+
+def expand(paths: Iterable[str | os.PathLike]) -> Iterator[ImageRef | Unreadable]:
+    """Each path's images in order; an unusable path yields why instead of stopping the rest."""
+    for path in paths:
+        try:
+            yield from find_images(path)
+        except UserError as error:
+            yield Unreadable(str(path), str(error))
+
+
+@dataclass
+class Batch:
+    """Decoded images of one batch, with the positions (into the ref list) of those that failed."""
+
+    indices: list[int]
+    pixels: "torch.Tensor | None"  # uint8 (B, C, S, S)
+    errors: list[tuple[int, str]]
+
+
+class DecodedImages:
+    """Map-style dataset for torch's DataLoader: decode in worker processes, report errors as data."""
+
+    def __init__(self, refs: list[ImageRef], size: int, channels: int):
+        self.refs, self.size, self.channels = refs, size, channels
+
+    def __len__(self) -> int:
+        return len(self.refs)
+
+    def __getitem__(self, index: int) -> tuple[int, np.ndarray | None, str | None]:
+        try:
+            return index, decode(self.refs[index], self.size, self.channels), None
+        except UserError as error:
+            return index, None, str(error)
+
+
+def _collate(items: list[tuple[int, np.ndarray | None, str | None]]) -> Batch:
+    import torch
+
+    good = [(i, pixels) for i, pixels, _ in items if pixels is not None]
+    pixels = torch.from_numpy(np.stack([p for _, p in good])) if good else None
+    return Batch([i for i, _ in good], pixels, [(i, e) for i, _, e in items if e is not None])
+
+
+def iterate_batches(refs: list[ImageRef], size: int, channels: int, batch_size: int,
+                    workers: int | None = None) -> Iterator[Batch]:
+    """Decode in order, in batches; worker processes only when there is enough work to pay for them."""
+    from torch.utils.data import DataLoader
+
+    if workers is None:
+        workers = 0 if len(refs) < 4 * batch_size else min(2, os.cpu_count() or 1)
+    loader = DataLoader(DecodedImages(refs, size, channels), batch_size=batch_size, shuffle=False,
+                        num_workers=workers, collate_fn=_collate)
+    yield from loader
+
+
+def load_images(refs: list[ImageRef], size: int, channels: int, *, strict: bool = False,
+                on_batch=None) -> tuple["torch.Tensor", list[ImageRef], list[str]]:
+    """Decode every image once into one uint8 tensor; unreadable ones are skipped (or fatal if strict)."""
+    import torch
+
+    parts, kept, errors = [], [], []
+    for batch in iterate_batches(refs, size, channels, batch_size=256):
+        if strict and batch.errors:
+            raise UserError(batch.errors[0][1] + " (--strict)")
+        errors.extend(message for _, message in batch.errors)
+        if batch.pixels is not None:
+            parts.append(batch.pixels)
+            kept.extend(refs[i] for i in batch.indices)
+        if on_batch is not None:
+            on_batch(len(batch.indices) + len(batch.errors))
+    pixels = torch.cat(parts) if parts else torch.empty(0, channels, size, size, dtype=torch.uint8)
+    return pixels, kept, errors

@@ -1,0 +1,88 @@
+"""The adversarial autoencoder (Makhzani et al., 2015): encoder, decoder and latent discriminator."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from aadetect.config import Architecture
+
+
+class Encoder(nn.Module):
+    """Strided convolutions down to a few pixels, then a linear map to the latent code."""
+
+    def __init__(self, arch: Architecture):
+        super().__init__()
+        layers: list[nn.Module] = []
+        in_channels = arch.channels
+        for width in arch.widths:
+            layers += [nn.Conv2d(in_channels, width, 4, stride=2, padding=1, bias=False),
+                       nn.BatchNorm2d(width), nn.LeakyReLU(0.2, inplace=True)]
+            in_channels = width
+        self.features = nn.Sequential(*layers)
+        self.to_code = nn.Linear(in_channels * arch.bottom_size ** 2, arch.latent_dim)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.to_code(self.features(images).flatten(1))
+
+
+class Decoder(nn.Module):
+    """The encoder's mirror: a linear map to a small feature map, then transposed convolutions."""
+
+    def __init__(self, arch: Architecture):
+        super().__init__()
+        widths = list(reversed(arch.widths))
+        self.bottom = (widths[0], arch.bottom_size, arch.bottom_size)
+        self.from_code = nn.Sequential(nn.Linear(arch.latent_dim, widths[0] * arch.bottom_size ** 2),
+                                       nn.ReLU(inplace=True))
+        layers: list[nn.Module] = []
+        for width, next_width in zip(widths, widths[1:]):
+            layers += [nn.ConvTranspose2d(width, next_width, 4, stride=2, padding=1, bias=False),
+                       nn.BatchNorm2d(next_width), nn.ReLU(inplace=True)]
+        layers += [nn.ConvTranspose2d(widths[-1], arch.channels, 4, stride=2, padding=1), nn.Sigmoid()]
+        self.features = nn.Sequential(*layers)
+
+    def forward(self, codes: torch.Tensor) -> torch.Tensor:
+        return self.features(self.from_code(codes).view(-1, *self.bottom))
+
+
+class Discriminator(nn.Module):
+    """Tells codes drawn from the prior N(0, I) from codes made by the encoder."""
+
+    def __init__(self, arch: Architecture):
+        super().__init__()
+        width = arch.discriminator_width
+        self.net = nn.Sequential(nn.Linear(arch.latent_dim, width), nn.LeakyReLU(0.2, inplace=True),
+                                 nn.Linear(width, width), nn.LeakyReLU(0.2, inplace=True),
+                                 nn.Linear(width, 1))
+
+    def forward(self, codes: torch.Tensor) -> torch.Tensor:
+        return self.net(codes).squeeze(1)
+
+
+class AdversarialAutoencoder(nn.Module):
+    def __init__(self, arch: Architecture):
+        super().__init__()
+        self.arch = arch
+        self.encoder = Encoder(arch)
+        self.decoder = Decoder(arch)
+        self.discriminator = Discriminator(arch)
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        codes = self.encoder(images)
+        return codes, self.decoder(codes)
+
+
+def reconstruction_error(reconstruction: torch.Tensor, images: torch.Tensor, measure: str) -> torch.Tensor:
+    """Per-image error: mean squared (mse), mean absolute (mae) or root mean squared (rmse)."""
+    difference = (reconstruction - images).flatten(1)
+    if measure == "mae":
+        return difference.abs().mean(1)
+    squared = difference.square().mean(1)
+    return squared.sqrt() if measure == "rmse" else squared
+
+
+def to_input(pixels: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """uint8 (B,C,H,W) pixels to the model's float input in [0, 1], channels_last for fast CPU convolutions."""
+    images = pixels.to(device, non_blocking=True).float().div_(255.0)
+    return images.contiguous(memory_format=torch.channels_last)

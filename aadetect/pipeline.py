@@ -1,0 +1,275 @@
+"""The tool's jobs as library calls: train, calibrate, evaluate. The CLI and the demo both use these."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from aadetect import __version__
+from aadetect.card import (CARD_FILE, DENSITY_FILE, REJECTED_FILE, VALIDATION_FILE, WEIGHTS_FILE, ArchitectureInfo,
+                           Calibration, DataInfo, DensityInfo, ModelCard, Preprocessing, TrainingInfo, read_card)
+from aadetect.config import AUTO, Architecture, TrainConfig, check_fraction
+from aadetect.errors import UserError
+from aadetect.images import ImageRef, choose_image_size, find_images, image_mode, load_images
+from aadetect.progress import Reporter
+
+MIN_TRAIN_IMAGES = 10
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+@dataclass
+class TrainSummary:
+    card: ModelCard
+    model_dir: Path
+    rejected: list[str]
+    skipped: list[str]
+
+
+def checkpoint_path(model_dir: Path) -> Path:
+    return model_dir.with_name(model_dir.name + ".checkpoint.pt")
+
+
+def check_output_dir(model_dir: Path) -> None:
+    """Never replace a folder that is not an aadetect model: it may hold the user's data."""
+    if model_dir.exists() and (not model_dir.is_dir() or
+                               (any(model_dir.iterdir()) and not (model_dir / CARD_FILE).exists())):
+        raise UserError(f"{model_dir}: exists and is not an aadetect model folder; choose another --out")
+
+
+def fingerprint(refs: list[ImageRef]) -> str:
+    """sha256 over the sorted file names and contents: says exactly which data a model saw."""
+    digest = hashlib.sha256()
+    for path in sorted({ref.path for ref in refs}):
+        digest.update(str(path).encode("utf-8", "surrogateescape") + b"\0")
+        digest.update(hashlib.sha256(path.read_bytes()).digest())
+    return digest.hexdigest()
+
+
+def read_training_images(data: Path, config: TrainConfig, reporter: Reporter):
+    """Find, inspect and decode the training images once; unreadable ones are skipped and named."""
+    refs = find_images(data)
+    shapes, usable, skipped = [], [], []
+    for ref in refs:
+        try:
+            shapes.append(image_mode(ref))
+            usable.append(ref)
+        except UserError as error:
+            if config.strict:
+                raise UserError(f"{error} (--strict)") from None
+            skipped.append(str(error))
+    if not usable:
+        raise UserError(f"{data}: none of the {len(refs)} images could be read")
+    channels = 1 if all(c == 1 for _, _, c in shapes) else 3
+    size = config.image_size if config.image_size != AUTO else choose_image_size(shapes)
+    with reporter.progress("decoding", total=len(usable)) as advance:
+        pixels, kept, errors = load_images(usable, size, channels, strict=config.strict, on_batch=advance)
+    skipped += errors
+    for message in skipped:
+        reporter.warn(f"skipped {message}")
+    if skipped:
+        reporter.warn(f"skipped {len(skipped)} unreadable file(s) of {len(refs)}")
+    if len(kept) < MIN_TRAIN_IMAGES:
+        raise UserError(f"{data}: only {len(kept)} usable images; at least {MIN_TRAIN_IMAGES} are needed to train")
+    return pixels, kept, skipped, size, channels
+
+
+def train_detector(data: str | Path, config: TrainConfig, model_dir: str | Path, *,
+                   reporter: Reporter | None = None, resume: bool = False) -> TrainSummary:
+    """Train the autoencoder, fit the KDE, set default thresholds, and write the model folder atomically."""
+    import torch
+
+    from aadetect.atomic import staged_directory, write_atomic, write_text_atomic
+    from aadetect.calibration import Measurements, robust_scale, thresholds_for_fpr
+    from aadetect.density import KernelDensity
+    from aadetect.devices import resolve_device
+    from aadetect.scoring import Detector, sha256_file
+    from aadetect.train import encode_all, train_autoencoder
+
+    reporter = reporter or Reporter()
+    config.validate()
+    device = resolve_device(config.device)
+    data, model_dir = Path(data), Path(model_dir)
+    check_output_dir(model_dir)
+    started = time.perf_counter()
+    torch.set_flush_denormal(True)
+
+    pixels, refs, skipped, size, channels = read_training_images(data, config, reporter)
+    data_sha256 = fingerprint(refs)
+    arch = Architecture.for_images(size, channels, config.latent_dim)
+    checkpoint_file = checkpoint_path(model_dir)
+    identity = {"settings": dataclasses.asdict(config), "data_sha256": data_sha256, "device": device}
+    resume_from = _read_checkpoint(checkpoint_file, identity) if resume else None
+
+    def save_checkpoint(state: dict) -> None:
+        write_atomic(checkpoint_file, lambda temp: torch.save({**state, "identity": identity}, temp))
+
+    train_count = len(refs) - max(1, round(len(refs) * config.validation_fraction))
+    with reporter.progress("training", total=config.epochs * train_count) as advance:
+        def on_epoch(record: dict) -> None:
+            advance(0, description=f"epoch {record['epoch']}/{config.epochs} "
+                                   f"loss {record['reconstruction']:.4f} val {record['validation']:.4f}"
+                                   + (f" rejected {record['rejected']}" if config.robust else ""))
+
+        result = train_autoencoder(pixels, arch, config, device, on_step=lambda step: advance(step["images"]),
+                                   on_epoch=on_epoch, save_checkpoint=save_checkpoint, resume_from=resume_from)
+
+    model = result.model
+    fit_indices = np.setdiff1d(result.train_indices, result.rejected)
+    codes, _ = encode_all(model, pixels[torch.from_numpy(fit_indices)], device, "mse")
+    try:
+        density = KernelDensity.fit(codes.double().numpy())
+    except ValueError as exc:
+        raise UserError(f"{data}: cannot fit the density ({exc})") from None
+    detector = Detector(model, density, thresholds=None, error_measure=config.error, device=device)
+    validation = Measurements(*detector.measure(pixels[torch.from_numpy(result.validation_indices)]))
+    scales = (robust_scale(validation.reconstruction_error), robust_scale(validation.log_density))
+    thresholds = thresholds_for_fpr(validation, scales, config.target_fpr, calibrated=False,
+                                    method=f"default: held-out good images, target FPR {config.target_fpr}")
+
+    rejected = [refs[i].name for i in result.rejected]
+    with staged_directory(model_dir) as staging:
+        torch.save(model.state_dict(), staging / WEIGHTS_FILE)
+        density.save(staging / DENSITY_FILE)
+        (staging / VALIDATION_FILE).write_text("".join(refs[i].name + "\n" for i in result.validation_indices))
+        (staging / REJECTED_FILE).write_text("".join(name + "\n" for name in rejected))
+        card = ModelCard(
+            format_version=1, aadetect_version=__version__, created=now(), error_measure=config.error,
+            data=DataInfo(path=str(data.resolve()), image_count=len(refs), sha256=data_sha256, skipped=skipped,
+                          validation_count=len(result.validation_indices), validation_file=VALIDATION_FILE,
+                          rejected_count=len(rejected), rejected_file=REJECTED_FILE),
+            preprocessing=Preprocessing(image_size=size, channels=channels,
+                                        resize="bilinear to a square (aspect ratio not kept), EXIF rotation applied",
+                                        normalisation="pixel / 255, so inputs lie in [0, 1]"),
+            architecture=ArchitectureInfo(image_size=size, channels=channels, latent_dim=arch.latent_dim,
+                                          widths=list(arch.widths), discriminator_width=arch.discriminator_width),
+            training=TrainingInfo(settings=dataclasses.asdict(config), device=device, epochs_run=result.epochs_run,
+                                  best_epoch=result.best_epoch, seconds=round(time.perf_counter() - started, 2),
+                                  final_losses={k: float(v) for k, v in result.final_losses.items()},
+                                  torch_version=str(torch.__version__)),
+            density=DensityInfo(estimator="scipy.stats.gaussian_kde", bandwidth="scott", factor=density.factor,
+                                n_codes=density.n_codes, file=DENSITY_FILE),
+            thresholds=thresholds,
+            files={name: sha256_file(staging / name) for name in (WEIGHTS_FILE, DENSITY_FILE)},
+        )
+        write_text_atomic(staging / CARD_FILE, card.to_yaml())
+    checkpoint_file.unlink(missing_ok=True)
+    return TrainSummary(card=card, model_dir=model_dir, rejected=rejected, skipped=skipped)
+
+
+def _read_checkpoint(path: Path, identity: dict) -> dict:
+    import pickle
+
+    import torch
+
+    if not path.exists():
+        raise UserError(f"{path}: no checkpoint to resume from")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, OSError, EOFError) as exc:
+        raise UserError(f"{path}: cannot read checkpoint ({str(exc).splitlines()[0][:160]})") from None
+    if state.get("identity") != identity:
+        raise UserError(f"{path}: checkpoint is from other data or settings; start afresh without --resume")
+    return state
+
+
+@dataclass
+class MeasuredSet:
+    """Per-image numbers for a labelled folder, in file order; unreadable files listed apart."""
+
+    names: list[str]
+    reconstruction_error: np.ndarray
+    log_density: np.ndarray
+    score: np.ndarray
+    anomaly: np.ndarray
+    errors: list[str]
+
+
+def measure_folder(detector, path: str | Path, reporter: Reporter, label: str) -> MeasuredSet:
+    refs = find_images(path)
+    names, rows, errors = [], [], []
+    with reporter.progress(f"scoring {label}", total=len(refs)) as advance:
+        for ref, row, error in detector.score_images(refs):
+            advance(1)
+            if error is not None:
+                reporter.warn(error)
+                errors.append(error)
+                continue
+            names.append(ref.name)
+            rows.append(row)
+    if not rows:
+        raise UserError(f"{path}: none of the {len(refs)} images could be read")
+    column = lambda key, dtype=np.float64: np.array([row[key] for row in rows], dtype=dtype)  # noqa: E731
+    return MeasuredSet(names, column("reconstruction_error"), column("log_density"), column("score"),
+                       column("anomaly", bool), errors)
+
+
+def calibrate_detector(model_dir: str | Path, good: str | Path, anomalous: str | Path | None = None, *,
+                       objective: str = "balanced-accuracy", target_fpr: float | None = None,
+                       device: str = "auto", reporter: Reporter | None = None):
+    """Choose both thresholds from labelled samples and rewrite the card atomically."""
+    from aadetect.atomic import write_text_atomic
+    from aadetect.calibration import OBJECTIVES, Measurements, choose_thresholds
+    from aadetect.scoring import Detector
+
+    reporter = reporter or Reporter()
+    if objective not in OBJECTIVES:
+        raise UserError(f"--objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
+    if target_fpr is not None:
+        check_fraction("--target-fpr", target_fpr)
+    model_dir = Path(model_dir)
+    card = read_card(model_dir)
+    detector = Detector.load(model_dir, device)
+    good_set = measure_folder(detector, good, reporter, "good")
+    anomalous_set = measure_folder(detector, anomalous, reporter, "anomalous") if anomalous else None
+    scales = (card.thresholds.reconstruction_scale, card.thresholds.density_scale)
+    as_measurements = lambda s: Measurements(s.reconstruction_error, s.log_density) if s else None  # noqa: E731
+    result = choose_thresholds(as_measurements(good_set), as_measurements(anomalous_set), scales,
+                               objective=objective, target_fpr=target_fpr)
+    for warning in result.warnings:
+        reporter.warn(warning)
+    card.thresholds = result.thresholds
+    card.calibration = Calibration(
+        created=now(), objective=objective, target_fpr=target_fpr, good_count=len(good_set.names),
+        anomalous_count=len(anomalous_set.names) if anomalous_set else 0, good_path=str(Path(good).resolve()),
+        anomalous_path=str(Path(anomalous).resolve()) if anomalous else None, metrics=result.metrics,
+        warnings=result.warnings)
+    write_text_atomic(model_dir / CARD_FILE, card.to_yaml())
+    return card
+
+
+def evaluate_detector(model_dir: str | Path, good: str | Path, anomalous: str | Path, *,
+                      device: str = "auto", reporter: Reporter | None = None) -> dict:
+    """Ranking quality of each signal and decision quality at the card's thresholds, on labelled images."""
+    from aadetect.metrics import auroc, average_precision, confusion, decision_metrics
+    from aadetect.scoring import Detector
+
+    reporter = reporter or Reporter()
+    detector = Detector.load(model_dir, device)
+    good_set = measure_folder(detector, good, reporter, "good")
+    anomalous_set = measure_folder(detector, anomalous, reporter, "anomalous")
+    signals = {  # higher means more anomalous
+        "reconstruction": (good_set.reconstruction_error, anomalous_set.reconstruction_error),
+        "density": (-good_set.log_density, -anomalous_set.log_density),
+        "combined": (good_set.score, anomalous_set.score),
+    }
+    counts = confusion(good_set.anomaly, anomalous_set.anomaly)
+    rates = decision_metrics(counts["tp"], counts["fp"], counts["tn"], counts["fn"])
+    return {
+        "auroc": {name: auroc(*pair) for name, pair in signals.items()},
+        "auprc": {name: average_precision(*pair) for name, pair in signals.items()},
+        **{name: float(value) for name, value in rates.items()},
+        "confusion": counts,
+        "n_good": len(good_set.names),
+        "n_anomalous": len(anomalous_set.names),
+        "unreadable": good_set.errors + anomalous_set.errors,
+        "thresholds_calibrated": detector.thresholds.calibrated,
+    }

@@ -1,0 +1,181 @@
+"""Scoring: a trained model, its density and its thresholds turned into per-image decisions.
+
+`Detector` follows PyOD's BaseDetector where it fits: `decision_function` (higher is
+more anomalous), `predict` (the OR rule) and the thresholds it applies.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from aadetect.card import DENSITY_FILE, WEIGHTS_FILE, ModelCard, Thresholds, read_card
+from aadetect.errors import UserError
+from aadetect.images import ImageRef, iterate_batches
+
+# Every forward pass sees a batch of exactly this many images (the last one padded), so an
+# image gets bit-identical numbers whether it is scored alone or inside a large folder.
+SCORE_BATCH = 32
+
+
+@dataclass
+class Scores:
+    """Per-image numbers for a set of images, as arrays of equal length."""
+
+    reconstruction_error: np.ndarray
+    log_density: np.ndarray
+    score: np.ndarray
+    anomaly: np.ndarray
+    reason: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.score)
+
+    def row(self, i: int) -> dict:
+        return {"reconstruction_error": float(self.reconstruction_error[i]), "log_density": float(self.log_density[i]),
+                "score": float(self.score[i]), "anomaly": bool(self.anomaly[i]), "reason": str(self.reason[i])}
+
+    @classmethod
+    def concatenate(cls, parts: list[Scores]) -> Scores:
+        return cls(*(np.concatenate([getattr(p, f) for p in parts]) if parts else np.empty(0)
+                     for f in cls.__dataclass_fields__))
+
+
+def decide(reconstruction_error: np.ndarray, log_density: np.ndarray, thresholds: Thresholds) -> Scores:
+    """The OR rule. `score` is the larger threshold-normalised excess: positive exactly when the rule fires."""
+    reconstruction_excess = (reconstruction_error - thresholds.reconstruction) / thresholds.reconstruction_scale
+    density_excess = (thresholds.density - log_density) / thresholds.density_scale
+    score = np.maximum(reconstruction_excess, density_excess)
+    too_different = reconstruction_excess > 0
+    too_unlikely = density_excess > 0
+    reason = np.select([too_different & too_unlikely, too_different, too_unlikely],
+                       ["both", "reconstruction", "density"], "none")
+    return Scores(reconstruction_error, log_density, score, too_different | too_unlikely, reason)
+
+
+class Detector:
+    """A trained adversarial autoencoder with its latent KDE and decision thresholds."""
+
+    def __init__(self, model, density, thresholds: Thresholds, error_measure: str, device: str = "cpu"):
+        self.model = model.to(device).eval()
+        self.density = density
+        self.thresholds = thresholds
+        self.error_measure = error_measure
+        self.device = device
+        self.image_size = model.arch.image_size
+        self.channels = model.arch.channels
+
+    @classmethod
+    def load(cls, model_dir: str | Path, device: str = "auto") -> Detector:
+        from aadetect.devices import resolve_device
+
+        model_dir = Path(model_dir)
+        card = read_card(model_dir)
+        device = resolve_device(device)
+        return cls(load_model(model_dir, card, device), load_density(model_dir, card), card.thresholds,
+                   card.error_measure, device)
+
+    def measure(self, pixels) -> tuple[np.ndarray, np.ndarray]:
+        """Reconstruction error and KDE log-density for uint8 images (N, C, S, S)."""
+        import torch
+
+        from aadetect.model import reconstruction_error, to_input
+
+        errors, densities = [], []
+        with torch.inference_mode():
+            for start in range(0, len(pixels), SCORE_BATCH):
+                chunk = pixels[start:start + SCORE_BATCH]
+                count = len(chunk)
+                if count < SCORE_BATCH:
+                    chunk = torch.cat([chunk, chunk.new_zeros((SCORE_BATCH - count, *chunk.shape[1:]))])
+                images = to_input(chunk, self.device)
+                codes, reconstruction = self.model(images)
+                errors.append(reconstruction_error(reconstruction, images, self.error_measure)[:count].double().cpu())
+                densities.append(torch.from_numpy(
+                    self.density.log_density(codes.double(), device=self.device)[:count]))
+        if not errors:
+            return np.empty(0), np.empty(0)
+        return torch.cat(errors).numpy(), torch.cat(densities).numpy()
+
+    def score(self, pixels) -> Scores:
+        return decide(*self.measure(pixels), self.thresholds)
+
+    def decision_function(self, pixels) -> np.ndarray:
+        return self.score(pixels).score
+
+    def predict(self, pixels) -> np.ndarray:
+        return self.score(pixels).anomaly
+
+    def score_images(self, refs: list[ImageRef], *, workers: int | None = None
+                     ) -> Iterator[tuple[ImageRef, dict | None, str | None]]:
+        """Stream (ref, numbers, error) in input order; decoding runs in worker processes for big inputs."""
+        for batch in iterate_batches(refs, self.image_size, self.channels, batch_size=4 * SCORE_BATCH,
+                                     workers=workers):
+            rows: dict[int, tuple[dict | None, str | None]] = {i: (None, message) for i, message in batch.errors}
+            if batch.pixels is not None:
+                scores = self.score(batch.pixels)
+                rows.update((index, (scores.row(k), None)) for k, index in enumerate(batch.indices))
+            for index in sorted(rows):
+                yield refs[index], *rows[index]
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _checked_file(model_dir: Path, name: str, card: ModelCard) -> Path:
+    path = model_dir / name
+    if not path.is_file():
+        raise UserError(f"{path}: missing from the model folder")
+    expected = card.files.get(name)
+    if expected is not None and sha256_file(path) != expected:
+        raise UserError(f"{path}: does not match the card's checksum (damaged, or from another model)")
+    return path
+
+
+def load_model(model_dir: Path, card: ModelCard, device: str):
+    """Rebuild the networks from the card, then load the weights without unpickling code."""
+    import pickle
+
+    import torch
+
+    from aadetect.config import Architecture
+    from aadetect.model import AdversarialAutoencoder
+
+    path = _checked_file(model_dir, WEIGHTS_FILE, card)
+    arch_info = card.architecture
+    arch = Architecture(arch_info.image_size, arch_info.channels, arch_info.latent_dim,
+                        tuple(arch_info.widths), arch_info.discriminator_width)
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise UserError(f"{path}: refused to load (not a plain tensor file: {str(exc).splitlines()[0][:120]})") from None
+    except Exception as exc:
+        raise UserError(f"{path}: cannot read weights ({str(exc).splitlines()[0][:160]})") from None
+    try:
+        model = AdversarialAutoencoder(arch)
+        model.load_state_dict(state)
+    except Exception as exc:
+        raise UserError(f"{path}: weights do not fit the card's architecture ({str(exc).splitlines()[0][:160]})") from None
+    return model
+
+
+def load_density(model_dir: Path, card: ModelCard):
+    from aadetect.density import KernelDensity
+
+    path = _checked_file(model_dir, DENSITY_FILE, card)
+    try:
+        density = KernelDensity.load(path)
+    except ValueError as exc:
+        raise UserError(f"{path}: {exc}") from None
+    if density.dim != card.architecture.latent_dim:
+        raise UserError(f"{path}: codes have {density.dim} dimensions, the card says {card.architecture.latent_dim}")
+    return density

@@ -1,0 +1,184 @@
+"""The training loop: reconstruction phase, then regularisation phase, each step; robust to outliers.
+
+Robust training follows Beggel et al. (ECML-PKDD 2019): after a warm-up, images whose
+reconstruction error or likelihood under the prior is far out of line with the rest
+are rejected (weight 0) from the reconstruction and prior-matching losses, re-judged
+every epoch; so the encoder is never pulled to place them in the prior's dense region.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from aadetect.config import Architecture, TrainConfig
+from aadetect.model import AdversarialAutoencoder, reconstruction_error, to_input
+
+EVAL_BATCH = 256
+
+
+@dataclass
+class TrainResult:
+    model: AdversarialAutoencoder
+    train_indices: np.ndarray  # into the image tensor
+    validation_indices: np.ndarray
+    rejected: np.ndarray  # subset of train_indices left out as likely outliers at the end
+    epochs_run: int
+    best_epoch: int
+    history: list[dict] = field(default_factory=list)
+
+    @property
+    def final_losses(self) -> dict[str, float]:
+        return self.history[-1] if self.history else {}
+
+
+def robust_z(values: torch.Tensor) -> torch.Tensor:
+    """Modified z-score (Iglewicz & Hoaglin): distance from the median in units of MAD."""
+    median = values.median()
+    mad = (values - median).abs().median().clamp_min(1e-12)
+    return 0.6745 * (values - median) / mad
+
+
+@torch.inference_mode()
+def encode_all(model: AdversarialAutoencoder, images: torch.Tensor, device: str, measure: str
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes and reconstruction errors for many images, in eval mode."""
+    model.eval()
+    codes, errors = [], []
+    for start in range(0, len(images), EVAL_BATCH):
+        batch = to_input(images[start:start + EVAL_BATCH], device)
+        code, reconstruction = model(batch)
+        codes.append(code.float().cpu())
+        errors.append(reconstruction_error(reconstruction, batch, measure).float().cpu())
+    return torch.cat(codes), torch.cat(errors)
+
+
+def find_outliers(model, images: torch.Tensor, device: str, measure: str, reject_z: float) -> torch.Tensor:
+    """Images far out of line in reconstruction error or in distance from the prior's centre."""
+    codes, errors = encode_all(model, images, device, measure)
+    prior_distance = codes.square().sum(1)
+    return torch.maximum(robust_z(errors), robust_z(prior_distance)) > reject_z
+
+
+def weighted_mean(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    return (values * weights).sum() / weights.sum().clamp_min(1.0)
+
+
+def train_autoencoder(images: torch.Tensor, arch: Architecture, config: TrainConfig, device: str, *,
+                      on_step: Callable[[dict], None] | None = None,
+                      on_epoch: Callable[[dict], None] | None = None,
+                      save_checkpoint: Callable[[dict], None] | None = None,
+                      resume_from: dict | None = None) -> TrainResult:
+    """Train on uint8 images (N, C, S, S); part of them is held out for early stopping."""
+    torch.manual_seed(config.seed)
+    generator = torch.Generator().manual_seed(config.seed)
+    count = len(images)
+    order = torch.randperm(count, generator=generator)
+    validation_count = max(1, round(count * config.validation_fraction))
+    validation_indices, train_indices = order[:validation_count], order[validation_count:]
+    train_images = images[train_indices]
+    validation_images = images[validation_indices]
+
+    model = AdversarialAutoencoder(arch).to(device).to(memory_format=torch.channels_last)
+    autoencoder_parameters = list(model.encoder.parameters()) + list(model.decoder.parameters())
+    reconstruction_optimizer = torch.optim.Adam(autoencoder_parameters, lr=config.learning_rate)
+    discriminator_optimizer = torch.optim.Adam(model.discriminator.parameters(), lr=config.learning_rate / 2,
+                                               betas=(0.5, 0.999))
+    generator_optimizer = torch.optim.Adam(model.encoder.parameters(), lr=config.learning_rate / 2,
+                                           betas=(0.5, 0.999))
+    optimizers = {"reconstruction": reconstruction_optimizer, "discriminator": discriminator_optimizer,
+                  "generator": generator_optimizer}
+    loss_measure = "mae" if config.error == "mae" else "mse"
+    weights = torch.ones(len(train_images))
+    warmup = max(2, config.epochs // 5)
+    state = {"epoch": 0, "best_loss": float("inf"), "best_epoch": 0, "best_model": None, "history": []}
+
+    if resume_from is not None:
+        model.load_state_dict(resume_from["model"])
+        for name, optimizer in optimizers.items():
+            optimizer.load_state_dict(resume_from["optimizers"][name])
+        weights = resume_from["weights"]
+        torch.set_rng_state(resume_from["rng"])
+        generator.set_state(resume_from["generator"])
+        state = {key: resume_from[key] for key in state}
+
+    for epoch in range(state["epoch"], config.epochs):
+        model.train()
+        totals = {"reconstruction": 0.0, "discriminator": 0.0, "generator": 0.0}
+        steps = 0
+        permutation = torch.randperm(len(train_images), generator=generator)
+        for batch_positions in permutation.split(config.batch_size):
+            if len(batch_positions) < 2:  # batch norm needs two images
+                continue
+            batch = to_input(train_images[batch_positions], device)
+            batch_weights = weights[batch_positions].to(device)
+
+            # Reconstruction phase: encoder and decoder learn to rebuild the image.
+            codes, reconstruction = model(batch)
+            reconstruction_loss = weighted_mean(reconstruction_error(reconstruction, batch, loss_measure),
+                                                batch_weights)
+            reconstruction_optimizer.zero_grad(set_to_none=True)
+            reconstruction_loss.backward()
+            reconstruction_optimizer.step()
+            totals["reconstruction"] += reconstruction_loss.item()
+
+            # Regularisation phase: the discriminator learns prior from codes, the encoder learns to fool it.
+            if config.adversarial:
+                codes = model.encoder(batch)
+                prior_samples = torch.randn(codes.shape, device=device)
+                real, fake = model.discriminator(prior_samples), model.discriminator(codes.detach())
+                discriminator_loss = (F.binary_cross_entropy_with_logits(real, torch.ones_like(real))
+                                      + F.binary_cross_entropy_with_logits(fake, torch.zeros_like(fake)))
+                discriminator_optimizer.zero_grad(set_to_none=True)
+                discriminator_loss.backward()
+                discriminator_optimizer.step()
+
+                fooled = model.discriminator(codes)
+                generator_loss = config.adversarial_weight * weighted_mean(
+                    F.binary_cross_entropy_with_logits(fooled, torch.ones_like(fooled), reduction="none"),
+                    batch_weights)
+                generator_optimizer.zero_grad(set_to_none=True)
+                generator_loss.backward()
+                generator_optimizer.step()
+                totals["discriminator"] += discriminator_loss.item()
+                totals["generator"] += generator_loss.item()
+            steps += 1
+            if on_step is not None:
+                on_step({"epoch": epoch + 1, "images": len(batch_positions)})
+
+        _, validation_errors = encode_all(model, validation_images, device, loss_measure)
+        validation_loss = float(validation_errors.mean())
+        if config.robust and epoch + 1 >= warmup:
+            outliers = find_outliers(model, train_images, device, loss_measure, config.reject_z)
+            weights = (~outliers).float()
+        record = {name: total / max(steps, 1) for name, total in totals.items()}
+        record.update(epoch=epoch + 1, validation=validation_loss, rejected=int((weights == 0).sum()))
+        state["history"].append(record)
+        if validation_loss < state["best_loss"]:
+            state.update(best_loss=validation_loss, best_epoch=epoch + 1,
+                         best_model=copy.deepcopy(model.state_dict()))
+        state["epoch"] = epoch + 1
+        if on_epoch is not None:
+            on_epoch(record)
+        if save_checkpoint is not None:
+            save_checkpoint({**state, "model": model.state_dict(), "weights": weights,
+                             "optimizers": {name: opt.state_dict() for name, opt in optimizers.items()},
+                             "rng": torch.get_rng_state(), "generator": generator.get_state()})
+        if epoch + 1 - state["best_epoch"] >= config.patience:
+            break
+
+    if state["best_model"] is not None:
+        model.load_state_dict(state["best_model"])
+    model.eval()
+    outliers = (find_outliers(model, train_images, device, loss_measure, config.reject_z) if config.robust
+                else torch.zeros(len(train_images), dtype=torch.bool))
+    rejected = train_indices[outliers]
+    return TrainResult(model=model, train_indices=train_indices.numpy(),
+                       validation_indices=validation_indices.numpy(), rejected=rejected.numpy(),
+                       epochs_run=state["epoch"], best_epoch=state["best_epoch"], history=state["history"])

@@ -1,0 +1,70 @@
+"""Tiny real data sets and models shared by the tests (16 px images, 2-3 epochs, fixed seeds)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from aadetect.cli import app
+
+SIZE = 16
+
+
+def blob_images(count: int, seed: int, anomalous: bool = False) -> np.ndarray:
+    """Soft round blobs of varied position and width; anomalies carry a bright 4x4 square."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[:SIZE, :SIZE]
+    images = []
+    for _ in range(count):
+        cy, cx = rng.uniform(6, 10, size=2)
+        width = rng.uniform(2.5, 4.0)
+        image = 40 + 150 * np.exp(-((y - cy) ** 2 + (x - cx) ** 2) / (2 * width ** 2))
+        image += rng.normal(0, 4, size=image.shape)
+        if anomalous:
+            top, left = rng.integers(0, SIZE - 4, size=2)
+            image[top:top + 4, left:left + 4] = 255
+        images.append(np.clip(image, 0, 255).astype(np.uint8))
+    return np.stack(images)
+
+
+def write_pngs(folder: Path, images: np.ndarray) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, image in enumerate(images):
+        Image.fromarray(image).save(folder / f"img_{i:03d}.png")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def dataset(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("data")
+    return {
+        "train": write_pngs(root / "train", blob_images(120, seed=1)),
+        "good": write_pngs(root / "good", blob_images(12, seed=2)),
+        "anomalous": write_pngs(root / "anomalous", blob_images(12, seed=3, anomalous=True)),
+    }
+
+
+def invoke(*args: str, input: str | bytes | None = None):
+    """Run the CLI in-process; stdout and stderr kept apart as a shell would."""
+    runner = CliRunner()
+    return runner.invoke(app, [str(a) for a in args], input=input, catch_exceptions=False)
+
+
+TRAIN_ARGS = ("--epochs", "3", "--image-size", str(SIZE), "--seed", "0", "--device", "cpu", "--quiet")
+
+
+@pytest.fixture(scope="session")
+def model_dir(dataset, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("models") / "model"
+    result = invoke("train", dataset["train"], "--out", out, *TRAIN_ARGS)
+    assert result.exit_code == 0, result.stderr
+    return out
+
+
+def jsonl(text: str) -> list[dict]:
+    return [json.loads(line) for line in text.splitlines() if line.strip()]

@@ -1,0 +1,237 @@
+"""Every command through the real CLI, on tiny generated images."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+
+import numpy as np
+import pytest
+import yaml
+
+from aadetect.card import ModelCard
+from aadetect.metrics import auroc
+from conftest import SIZE, TRAIN_ARGS, blob_images, invoke, jsonl
+
+
+def test_help_and_version():
+    result = invoke("--help")
+    assert result.exit_code == 0
+    for command in ("train", "calibrate", "score", "evaluate", "demo"):
+        assert command in result.stdout
+    version = invoke("--version")
+    assert version.exit_code == 0 and version.stdout.startswith("aadetect ")
+
+
+def test_train_writes_a_complete_card(model_dir, dataset):
+    card_text = (model_dir / "card.yaml").read_text()
+    raw = yaml.safe_load(card_text)
+    card = ModelCard.from_yaml(card_text)
+    assert card.data.image_count == 120
+    assert card.data.validation_count == 12
+    assert card.preprocessing.channels == 1 and card.preprocessing.image_size == SIZE
+    assert card.training.settings["epochs"] == 3 and card.training.settings["seed"] == 0
+    assert card.thresholds.calibrated is False
+    assert card.density.n_codes == 108 - card.data.rejected_count
+    assert len(card.data.sha256) == 64
+    assert raw["files"]["weights.pt"] == card.files["weights.pt"]
+    # round trip: what we write is what we read
+    assert ModelCard.from_yaml(card.to_yaml()) == card
+    assert len((model_dir / "validation.txt").read_text().splitlines()) == 12
+
+
+def test_score_formats_and_exit_codes(model_dir, dataset):
+    good = sorted(dataset["good"].iterdir())
+    result = invoke("score", "--model", model_dir, "--format", "jsonl", *good)
+    rows = jsonl(result.stdout)
+    assert [row["path"] for row in rows] == [str(p) for p in good]
+    assert set(rows[0]) == {"path", "reconstruction_error", "log_density", "score", "anomaly", "reason", "error"}
+    for row in rows:
+        assert row["anomaly"] == (row["score"] > 0)
+        assert row["reason"] in {"none", "reconstruction", "density", "both"}
+    assert result.exit_code == (1 if any(r["anomaly"] for r in rows) else 0)
+
+    as_csv = invoke("score", "--model", model_dir, "--format", "csv", *good)
+    parsed = list(csv.DictReader(io.StringIO(as_csv.stdout)))
+    assert [float(r["score"]) for r in parsed] == [r["score"] for r in rows]
+
+    anomalous = invoke("score", "--model", model_dir, "--format", "jsonl", dataset["anomalous"])
+    assert anomalous.exit_code == 1
+    assert sum(r["anomaly"] for r in jsonl(anomalous.stdout)) >= 10
+
+
+def test_score_exit_zero_when_all_normal(model_dir, dataset):
+    rows = jsonl(invoke("score", "--model", model_dir, "--format", "jsonl", dataset["good"]).stdout)
+    normal = [r["path"] for r in rows if not r["anomaly"]]
+    assert normal, "the tiny model should accept most good images"
+    result = invoke("score", "--model", model_dir, "--format", "jsonl", *normal)
+    assert result.exit_code == 0
+
+
+def test_score_unreadable_input_exit_two_but_scores_the_rest(model_dir, dataset, tmp_path):
+    broken = tmp_path / "broken.png"
+    broken.write_text("not an image")
+    good = sorted(dataset["good"].iterdir())[0]
+    result = invoke("score", "--model", model_dir, "--format", "jsonl", good, broken, tmp_path / "missing.png")
+    assert result.exit_code == 2
+    rows = jsonl(result.stdout)
+    assert [r["path"] for r in rows] == [str(good), str(broken), str(tmp_path / "missing.png")]
+    assert rows[0]["error"] is None and rows[0]["score"] is not None
+    assert "not a recognised image" in rows[1]["error"] and rows[1]["score"] is None
+    assert "no such file" in rows[2]["error"]
+    assert "Traceback" not in result.stderr
+    assert str(broken) in result.stderr
+
+
+def test_score_reads_paths_from_stdin(model_dir, dataset):
+    good = sorted(dataset["good"].iterdir())[:3]
+    result = invoke("score", "--model", model_dir, "--format", "jsonl", "-", input="\n".join(map(str, good)) + "\n")
+    assert [r["path"] for r in jsonl(result.stdout)] == [str(p) for p in good]
+    nul = invoke("score", "--model", model_dir, "--format", "jsonl", "--null", "-",
+                 input="\0".join(map(str, good)))
+    assert jsonl(nul.stdout) == jsonl(result.stdout)
+
+
+def test_score_table_is_on_stdout(model_dir, dataset):
+    result = invoke("score", "--model", model_dir, dataset["good"])
+    assert "reconstruction_error" in result.stdout
+    assert result.exit_code in (0, 1)
+
+
+def test_score_and_evaluate_agree(model_dir, dataset):
+    scores = {}
+    for label in ("good", "anomalous"):
+        scores[label] = jsonl(invoke("score", "--model", model_dir, "--format", "jsonl", dataset[label]).stdout)
+    report = json.loads(invoke("evaluate", "--model", model_dir, "--good", dataset["good"], "--anomalous",
+                               dataset["anomalous"], "--format", "json").stdout)
+    column = lambda label, key: np.array([r[key] for r in scores[label]])  # noqa: E731
+    assert report["auroc"]["combined"] == auroc(column("good", "score"), column("anomalous", "score"))
+    assert report["auroc"]["reconstruction"] == auroc(column("good", "reconstruction_error"),
+                                                      column("anomalous", "reconstruction_error"))
+    assert report["auroc"]["density"] == auroc(-column("good", "log_density"), -column("anomalous", "log_density"))
+    assert report["confusion"]["fp"] == int(column("good", "anomaly").sum())
+    assert report["confusion"]["tp"] == int(column("anomalous", "anomaly").sum())
+    assert report["n_good"] == 12 and report["n_anomalous"] == 12
+    for key in ("auprc", "balanced_accuracy", "f1", "tpr", "fpr"):
+        assert key in report
+    assert report["auroc"]["combined"] > 0.9  # a bright square is easy to spot
+
+
+def test_calibrate_writes_thresholds_into_the_card(model_dir, dataset, tmp_path):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(model_dir, model)
+    result = invoke("calibrate", "--model", model, "--good", dataset["good"], "--anomalous", dataset["anomalous"],
+                    "--format", "json", "--quiet")
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    card = ModelCard.from_yaml((model / "card.yaml").read_text())
+    assert card.thresholds.calibrated is True
+    assert card.thresholds.reconstruction == report["thresholds"]["reconstruction"]
+    assert card.calibration.good_count == 12 and card.calibration.anomalous_count == 12
+    assert card.calibration.objective == "balanced-accuracy"
+    assert card.calibration.metrics["balanced_accuracy"] >= 0.9
+    assert card.calibration.warnings == []
+    # decisions at the new thresholds reproduce the calibration metrics
+    evaluation = json.loads(invoke("evaluate", "--model", model, "--good", dataset["good"], "--anomalous",
+                                   dataset["anomalous"], "--format", "json").stdout)
+    assert evaluation["balanced_accuracy"] == card.calibration.metrics["balanced_accuracy"]
+
+
+def test_calibrate_warns_with_few_samples_and_honours_target_fpr(model_dir, dataset, tmp_path):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(model_dir, model)
+    few = tmp_path / "few"
+    few.mkdir()
+    for path in sorted(dataset["good"].iterdir())[:5]:
+        shutil.copy(path, few / path.name)
+    result = invoke("calibrate", "--model", model, "--good", few, "--target-fpr", "0.2", "--format", "json")
+    assert result.exit_code == 0
+    card = ModelCard.from_yaml((model / "card.yaml").read_text())
+    assert any("only 5 good samples" in w for w in card.calibration.warnings)
+    assert card.calibration.metrics["fpr"] <= 0.2
+    assert "warning" in result.stderr
+
+
+def test_default_model_dir(dataset, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("AADETECT_MODEL", raising=False)
+    assert invoke("train", dataset["train"], *TRAIN_ARGS).exit_code == 0
+    assert (tmp_path / "aadetect-model" / "card.yaml").exists()
+    result = invoke("score", "--format", "jsonl", sorted(dataset["good"].iterdir())[0])
+    assert result.exit_code in (0, 1) and len(jsonl(result.stdout)) == 1
+    monkeypatch.setenv("AADETECT_MODEL", str(tmp_path / "elsewhere"))
+    missing = invoke("score", sorted(dataset["good"].iterdir())[0])
+    assert missing.exit_code == 2 and "elsewhere" in missing.stderr
+
+
+def test_train_on_npz_array(tmp_path, dataset):
+    array = tmp_path / "good.npz"
+    np.savez(array, images=blob_images(60, seed=5))
+    out = tmp_path / "model"
+    result = invoke("train", array, "--out", out, *TRAIN_ARGS)
+    assert result.exit_code == 0, result.stderr
+    card = ModelCard.from_yaml((out / "card.yaml").read_text())
+    assert card.data.image_count == 60 and card.preprocessing.channels == 1
+    scored = invoke("score", "--model", out, "--format", "jsonl", dataset["anomalous"])
+    assert len(jsonl(scored.stdout)) == 12
+
+
+def test_same_seed_same_scores(dataset, tmp_path, model_dir):
+    out = tmp_path / "again"
+    assert invoke("train", dataset["train"], "--out", out, *TRAIN_ARGS).exit_code == 0
+    first = invoke("score", "--model", model_dir, "--format", "jsonl", dataset["anomalous"]).stdout
+    second = invoke("score", "--model", out, "--format", "jsonl", dataset["anomalous"]).stdout
+    assert first == second
+    assert (out / "weights.pt").read_bytes() == (model_dir / "weights.pt").read_bytes()
+
+
+def test_single_image_scores_equal_batch_scores(model_dir, dataset):
+    batch = jsonl(invoke("score", "--model", model_dir, "--format", "jsonl", dataset["anomalous"]).stdout)
+    alone = jsonl(invoke("score", "--model", model_dir, "--format", "jsonl", batch[5]["path"]).stdout)
+    assert alone[0] == batch[5]
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--epochs", "0"), "--epochs"),
+    (("--latent-dim", "0"), "--latent-dim"),
+    (("--image-size", "-4"), "--image-size"),
+    (("--device", "cuda:7"), "cuda"),
+    (("--device", "tpu"), "--device"),
+])
+def test_train_rejects_bad_options_before_work(dataset, tmp_path, args, message):
+    result = invoke("train", dataset["train"], "--out", tmp_path / "m", *args)
+    assert result.exit_code == 2
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "m").exists()
+
+
+def test_train_refuses_to_overwrite_a_data_folder(dataset):
+    result = invoke("train", dataset["train"], "--out", dataset["good"], *TRAIN_ARGS)
+    assert result.exit_code == 2 and "not an aadetect model folder" in result.stderr
+
+
+def test_train_with_too_few_images(tmp_path):
+    from conftest import write_pngs
+
+    folder = write_pngs(tmp_path / "few", blob_images(4, seed=0))
+    result = invoke("train", folder, "--out", tmp_path / "m", *TRAIN_ARGS)
+    assert result.exit_code == 2 and "only 4 usable images" in result.stderr
+
+
+def test_list_rejected_prints_paths(dataset, tmp_path):
+    from conftest import write_pngs
+
+    folder = tmp_path / "mixed"
+    write_pngs(folder / "good", blob_images(100, seed=7))
+    write_pngs(folder / "bad", blob_images(3, seed=8, anomalous=True))
+    result = invoke("train", folder, "--out", tmp_path / "m", "--list-rejected", *TRAIN_ARGS)
+    assert result.exit_code == 0
+    listed = result.stdout.splitlines()
+    card = ModelCard.from_yaml((tmp_path / "m" / "card.yaml").read_text())
+    assert len(listed) == card.data.rejected_count
+    assert (tmp_path / "m" / "rejected.txt").read_text().splitlines() == listed

@@ -1,0 +1,170 @@
+"""Decoding real files of every kind the tool accepts, and refusing bad ones with a clear reason."""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from aadetect.errors import UserError
+from aadetect.images import ImageRef, decode, find_images, image_mode
+
+
+def gradient(mode_size=(20, 12)) -> np.ndarray:
+    width, height = mode_size
+    return (np.add.outer(np.arange(height) * 10, np.arange(width) * 5) % 256).astype(np.uint8)
+
+
+@pytest.mark.parametrize("suffix", [".png", ".jpg", ".bmp", ".tif"])
+def test_formats_decode_to_the_model_size(tmp_path, suffix):
+    path = tmp_path / f"image{suffix}"
+    Image.fromarray(np.stack([gradient()] * 3, -1)).save(path)
+    pixels = decode(ImageRef(path), 16, 3)
+    assert pixels.shape == (3, 16, 16) and pixels.dtype == np.uint8
+    assert image_mode(ImageRef(path)) == (20, 12, 3)
+
+
+def test_sixteen_bit_grayscale_is_scaled(tmp_path):
+    path = tmp_path / "deep.png"
+    Image.fromarray((gradient().astype(np.uint16) * 257)).save(path)
+    assert image_mode(ImageRef(path))[2] == 1
+    eight_bit = tmp_path / "plain.png"
+    Image.fromarray(gradient()).save(eight_bit)
+    assert np.abs(decode(ImageRef(path), 16, 1).astype(int) - decode(ImageRef(eight_bit), 16, 1)).max() <= 1
+
+
+def test_palette_rgba_and_cmyk_become_rgb(tmp_path):
+    rgb = Image.fromarray(np.stack([gradient(), 255 - gradient(), gradient() // 2], -1))
+    expected = decode_saved(tmp_path / "rgb.png", rgb)
+    for name, image in [("p.png", rgb.convert("P", palette=Image.Palette.ADAPTIVE, colors=256)),
+                        ("rgba.png", rgb.convert("RGBA")), ("cmyk.jpg", rgb.convert("CMYK"))]:
+        pixels = decode_saved(tmp_path / name, image)
+        assert pixels.shape == (3, 16, 16)
+        assert np.abs(pixels.astype(int) - expected).mean() < 12, name
+
+
+def decode_saved(path, image):
+    image.save(path)
+    return decode(ImageRef(path), 16, 3)
+
+
+def test_exif_rotation_is_applied(tmp_path):
+    array = np.zeros((8, 16), np.uint8)
+    array[:, :4] = 255  # bright band on the left of a landscape image
+    image = Image.fromarray(array)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to display"
+    path = tmp_path / "rotated.jpg"
+    image.save(path, exif=exif, quality=95)
+    pixels = decode(ImageRef(path), 16, 1)[0].astype(int)
+    assert pixels[:4].mean() > 200 and pixels[-4:].mean() < 60  # band now on top
+
+
+def test_grayscale_for_colour_model_and_reverse(tmp_path):
+    gray = tmp_path / "gray.png"
+    Image.fromarray(gradient()).save(gray)
+    as_colour = decode(ImageRef(gray), 16, 3)
+    assert (as_colour[0] == as_colour[1]).all() and (as_colour[1] == as_colour[2]).all()
+    colour = tmp_path / "colour.png"
+    Image.fromarray(np.stack([gradient()] * 3, -1)).save(colour)
+    assert decode(ImageRef(colour), 16, 1).shape == (1, 16, 16)
+
+
+def png_bytes() -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(np.stack([gradient((64, 64))] * 3, -1)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def jpeg_bytes() -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(np.stack([gradient((64, 64))] * 3, -1)).save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("name, content, reason", [
+    ("empty.png", b"", "empty file"),
+    ("text.png", b"hello, I am not an image\n", "not a recognised image"),
+    ("truncated.png", png_bytes()[:300], "cannot (open|decode) image"),
+    ("truncated.jpg", jpeg_bytes()[:400], "cannot (open|decode) image"),
+])
+def test_bad_files_give_one_line_naming_the_file(tmp_path, name, content, reason):
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(UserError) as caught:
+        decode(ImageRef(path), 16, 3)
+    message = str(caught.value)
+    assert message.startswith(str(path)) and re.search(reason, message) and "\n" not in message
+
+
+def test_decompression_bomb_is_refused(tmp_path):
+    path = tmp_path / "bomb.png"
+    Image.new("1", (9000, 8000)).save(path)  # 72 megapixels, a few kB on disk
+    with pytest.raises(UserError, match="too large"):
+        decode(ImageRef(path), 16, 1)
+
+
+def test_unreadable_file(tmp_path):
+    if os.geteuid() == 0:
+        pytest.skip("root reads every file")
+    path = tmp_path / "locked.png"
+    Image.fromarray(gradient()).save(path)
+    path.chmod(0)
+    with pytest.raises(UserError, match="permission denied"):
+        decode(ImageRef(path), 16, 1)
+
+
+def test_folder_search_is_recursive_sorted_and_survives_symlink_loops(tmp_path):
+    (tmp_path / "b" / "deeper").mkdir(parents=True)
+    (tmp_path / "a").mkdir()
+    for path in (tmp_path / "b" / "deeper" / "x.png", tmp_path / "a" / "y.JPG", tmp_path / "z.bmp"):
+        Image.fromarray(gradient()).save(path, format="PNG" if path.suffix == ".png" else None)
+    (tmp_path / "notes.txt").write_text("ignored")
+    (tmp_path / "b" / "loop").symlink_to(tmp_path)
+    found = [ref.path.relative_to(tmp_path).as_posix() for ref in find_images(tmp_path)]
+    assert found == ["a/y.JPG", "b/deeper/x.png", "z.bmp"]
+
+
+@pytest.mark.parametrize("files, target, reason", [
+    ({}, "missing", "no such file or folder"),
+    ({"empty/": b""}, "empty", "no images found"),
+    ({"text/a.txt": b"x"}, "text", "no images found"),
+    ({"x.gif": b"GIF89a"}, "x.gif", "unsupported format"),
+])
+def test_paths_that_hold_no_images(tmp_path, files, target, reason):
+    for name, content in files.items():
+        if name.endswith("/"):
+            (tmp_path / name).mkdir(parents=True)
+        else:
+            (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+            (tmp_path / name).write_bytes(content)
+    with pytest.raises(UserError, match=reason):
+        find_images(tmp_path / target)
+
+
+@pytest.mark.parametrize("array, reason", [
+    (np.zeros((4, 8), np.uint8), "expected images shaped"),
+    (np.zeros((4, 8, 8, 2), np.uint8), "expected images shaped"),
+    (np.full((4, 8, 8), np.nan), "NaN or infinite"),
+    (np.full((4, 8, 8), np.inf, np.float32), "NaN or infinite"),
+    (np.zeros((4, 8, 8), np.complex64), "unsupported dtype"),
+])
+def test_bad_arrays(tmp_path, array, reason):
+    for suffix in (".npy", ".npz"):
+        path = tmp_path / f"bad{suffix}"
+        np.save(path, array) if suffix == ".npy" else np.savez(path, images=array)
+        with pytest.raises(UserError, match=reason):
+            find_images(path)
+
+
+def test_float_and_colour_arrays(tmp_path):
+    path = tmp_path / "float.npy"
+    np.save(path, np.random.default_rng(0).random((3, 10, 10, 3)).astype(np.float32))
+    refs = find_images(path)
+    assert [ref.name for ref in refs] == [f"{path}[{i}]" for i in range(3)]
+    assert image_mode(refs[0]) == (10, 10, 3)
+    assert decode(refs[1], 16, 3).shape == (3, 16, 16)
