@@ -7,12 +7,13 @@ from pathlib import Path
 from aadetect.config import TrainConfig
 from aadetect.progress import Reporter
 
-DEMO_IMAGE_SIZE = 48
+DEMO_IMAGE_SIZE = 48  # generated images; the model sees them at 32 px
+DEMO_TRAIN_IMAGES = 1500
 
 
 def demo_config(seed: int = 0) -> TrainConfig:
     """Settings sized so the demo finishes in a few minutes on two CPU cores."""
-    return TrainConfig(seed=seed, device="cpu", epochs=30, image_size=32)
+    return TrainConfig(seed=seed, device="cpu", epochs=20, image_size=32)
 
 
 def run_demo(out: str | Path, *, seed: int = 0, reporter: Reporter | None = None) -> dict:
@@ -22,7 +23,7 @@ def run_demo(out: str | Path, *, seed: int = 0, reporter: Reporter | None = None
 
     reporter = reporter or Reporter()
     out = Path(out)
-    folders = write_demo_dataset(out / "data", seed=seed, size=DEMO_IMAGE_SIZE)
+    folders = write_demo_dataset(out / "data", seed=seed, size=DEMO_IMAGE_SIZE, n_train=DEMO_TRAIN_IMAGES)
     reporter.info(f"demo images written under {out / 'data'}")
     model_dir = out / "model"
     train_detector(folders["train"], demo_config(seed), model_dir, reporter=reporter)

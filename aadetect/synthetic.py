@@ -218,7 +218,7 @@ def _draw_rings(image, grid, rng, info) -> None:
 def _draw_blob(image, grid, rng, info) -> None:
     """Dark irregular blob (e.g. a mature trophozoite with pigment grains)."""
     s = grid.size
-    blob_r = s * rng.uniform(0.07, 0.11)
+    blob_r = s * rng.uniform(0.09, 0.13)
     px, py = _inside_point(rng, info, blob_r * 1.3 + 1.0)
     sl, X, Y = grid.window(px, py, blob_r * 1.6 + 2.0)
     dx, dy = X - px, Y - py
@@ -241,7 +241,7 @@ def _draw_crescent(image, grid, rng, info) -> None:
     s = grid.size
     arc_r = s * rng.uniform(0.14, 0.24)
     half_angle = rng.uniform(0.45, 0.75)  # radians
-    width = s * rng.uniform(0.06, 0.09)
+    width = s * rng.uniform(0.08, 0.11)
     mx, my = _inside_point(rng, info, arc_r * np.sin(half_angle) + width + 1.0)
     orient = rng.uniform(0, 2 * np.pi)
     ax, ay = mx - arc_r * np.cos(orient), my - arc_r * np.sin(orient)
@@ -258,12 +258,12 @@ def _draw_crescent(image, grid, rng, info) -> None:
 def _draw_dots(image, grid, rng, info) -> None:
     """A small cluster of dark dots (e.g. a segmenting schizont / stippling)."""
     s = grid.size
-    spread = s * rng.uniform(0.04, 0.07)
+    spread = s * rng.uniform(0.06, 0.09)
     px, py = _inside_point(rng, info, spread * 2 + 2.0)
-    for _ in range(int(rng.integers(4, 8))):
+    for _ in range(int(rng.integers(6, 11))):
         gx = px + rng.normal(0.0, spread)
         gy = py + rng.normal(0.0, spread)
-        dot_r = rng.uniform(0.7, 1.3) * s / 48.0
+        dot_r = rng.uniform(1.2, 1.8) * s / 48.0
         _draw_dot(image, grid, gx, gy, dot_r, rng.uniform(0.75, 0.95), _CHROMATIN * rng.uniform(0.9, 1.4))
 
 

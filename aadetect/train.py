@@ -109,6 +109,8 @@ def train_autoencoder(images: torch.Tensor, arch: Architecture, config: TrainCon
         state = {key: resume_from[key] for key in state}
 
     for epoch in range(state["epoch"], config.epochs):
+        if epoch - state["best_epoch"] >= config.patience:  # early stop (checked here so a resume agrees)
+            break
         model.train()
         totals = {"reconstruction": 0.0, "discriminator": 0.0, "generator": 0.0}
         steps = 0
@@ -170,8 +172,6 @@ def train_autoencoder(images: torch.Tensor, arch: Architecture, config: TrainCon
             save_checkpoint({**state, "model": model.state_dict(), "weights": weights,
                              "optimizers": {name: opt.state_dict() for name, opt in optimizers.items()},
                              "rng": torch.get_rng_state(), "generator": generator.get_state()})
-        if epoch + 1 - state["best_epoch"] >= config.patience:
-            break
 
     if state["best_model"] is not None:
         model.load_state_dict(state["best_model"])

@@ -1,0 +1,305 @@
+"""Bad input, damaged models, interrupted work and concurrent use, tried for real."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from aadetect.card import ModelCard
+from aadetect.scoring import sha256_file
+from conftest import SIZE, TRAIN_ARGS, blob_images, invoke, jsonl, write_pngs
+
+
+def run_cli(*args, timeout=300, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "aadetect", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, **kwargs)
+
+
+def copy_model(model_dir: Path, tmp_path: Path) -> Path:
+    target = tmp_path / "model"
+    shutil.copytree(model_dir, target)
+    return target
+
+
+def edit_card(model: Path, change) -> None:
+    card = yaml.safe_load((model / "card.yaml").read_text())
+    change(card)
+    (model / "card.yaml").write_text(yaml.safe_dump(card, sort_keys=False))
+
+
+def assert_one_line_error(result, *fragments):
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("aadetect: error:"), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+# ---- training input -------------------------------------------------------------------------------------------
+
+def test_train_skips_unreadable_files_and_names_them(tmp_path):
+    folder = write_pngs(tmp_path / "data", blob_images(40, seed=4))
+    (folder / "zero.png").write_bytes(b"")
+    (folder / "text.jpg").write_text("not a jpeg")
+    result = invoke("train", folder, "--out", tmp_path / "m", *TRAIN_ARGS[:-1])
+    assert result.exit_code == 0
+    assert "zero.png" in result.stderr and "text.jpg" in result.stderr and "skipped 2" in result.stderr
+    card = ModelCard.from_yaml((tmp_path / "m" / "card.yaml").read_text())
+    assert card.data.image_count == 40 and len(card.data.skipped) == 2
+
+    strict = invoke("train", folder, "--out", tmp_path / "strict", "--strict", *TRAIN_ARGS)
+    assert_one_line_error(strict, "--strict")
+    assert not (tmp_path / "strict").exists()
+
+
+def test_train_with_no_usable_images(tmp_path):
+    folder = tmp_path / "junk"
+    folder.mkdir()
+    for i in range(3):
+        (folder / f"{i}.png").write_text("junk")
+    assert_one_line_error(invoke("train", folder, "--out", tmp_path / "m", *TRAIN_ARGS), "none of the 3 images")
+
+
+def test_options_checked_before_any_work(dataset, model_dir):
+    assert_one_line_error(invoke("calibrate", "--model", model_dir, "--good", dataset["good"],
+                                 "--target-fpr", "1.5"), "--target-fpr")
+    assert_one_line_error(invoke("score", "--model", model_dir, "--device", "cuda:3", dataset["good"]), "cuda")
+
+
+# ---- damaged models -------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("change, fragment", [
+    (lambda card: card.pop("thresholds"), "missing key 'thresholds'"),
+    (lambda card: card["thresholds"].update(density="low"), "thresholds.density must be float"),
+    (lambda card: card["thresholds"].update(reconstruction=float("nan")), "thresholds.reconstruction is not a finite"),
+    (lambda card: card.update(format_version=99), "unknown card format_version 99"),
+    (lambda card: card["architecture"].update(latent_dim="16"), "architecture.latent_dim must be int"),
+])
+def test_damaged_card_is_refused(model_dir, dataset, tmp_path, change, fragment):
+    model = copy_model(model_dir, tmp_path)
+    edit_card(model, change)
+    assert_one_line_error(invoke("score", "--model", model, dataset["good"]), fragment)
+
+
+def test_card_that_is_not_yaml(model_dir, dataset, tmp_path):
+    model = copy_model(model_dir, tmp_path)
+    (model / "card.yaml").write_text("thresholds: [unclosed\n")
+    assert_one_line_error(invoke("score", "--model", model, dataset["good"]), "not valid YAML")
+
+
+@pytest.mark.parametrize("damage, fragment", [
+    (lambda model: (model / "weights.pt").unlink(), "missing from the model folder"),
+    (lambda model: (model / "density.npz").unlink(), "missing from the model folder"),
+    (lambda model: (model / "weights.pt").write_bytes((model / "weights.pt").read_bytes()[:500]), "checksum"),
+])
+def test_missing_or_corrupt_files(model_dir, dataset, tmp_path, damage, fragment):
+    model = copy_model(model_dir, tmp_path)
+    damage(model)
+    assert_one_line_error(invoke("score", "--model", model, dataset["good"]), fragment)
+
+
+def replace_weights(model: Path, write) -> None:
+    """Swap in another weights file and re-sign it, so the loader itself must judge the contents."""
+    write(model / "weights.pt")
+    digest = sha256_file(model / "weights.pt")
+    edit_card(model, lambda card: card["files"].update({"weights.pt": digest}))
+
+
+def test_truncated_weights_with_matching_checksum(model_dir, dataset, tmp_path):
+    model = copy_model(model_dir, tmp_path)
+    data = (model / "weights.pt").read_bytes()
+    replace_weights(model, lambda path: path.write_bytes(data[: len(data) // 2]))
+    assert_one_line_error(invoke("score", "--model", model, dataset["good"]), "cannot read weights")
+
+
+def test_weights_that_do_not_fit_the_architecture(model_dir, dataset, tmp_path):
+    import torch
+
+    from aadetect.config import Architecture
+    from aadetect.model import AdversarialAutoencoder
+
+    model = copy_model(model_dir, tmp_path)
+    other = AdversarialAutoencoder(Architecture.for_images(SIZE, 1, 8))
+    replace_weights(model, lambda path: torch.save(other.state_dict(), path))
+    assert_one_line_error(invoke("score", "--model", model, dataset["good"]), "do not fit the card's architecture")
+
+
+class Payload:
+    """Unpickling this would run a shell command: the loader must never do it."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_malicious_pickle_is_refused_without_running_it(model_dir, dataset, tmp_path):
+    import torch
+
+    model = copy_model(model_dir, tmp_path)
+    marker = tmp_path / "pwned"
+    state = torch.load(model / "weights.pt", weights_only=True)
+    replace_weights(model, lambda path: torch.save({**state, "evil": Payload(marker)}, path))
+    result = invoke("score", "--model", model, dataset["good"])
+    assert_one_line_error(result, "refused to load")
+    assert not marker.exists()
+    torch.load(model / "weights.pt", weights_only=False)  # proof the payload was live
+    assert marker.exists()
+
+
+# ---- interrupted work -----------------------------------------------------------------------------------------
+
+def model_state(model: Path) -> str | None:
+    """A fingerprint of a complete model folder, or None if there is none; fails on a mix."""
+    if not model.exists():
+        return None
+    card = ModelCard.from_yaml((model / "card.yaml").read_text())
+    for name, digest in card.files.items():
+        assert sha256_file(model / name) == digest, f"{name} does not belong to this card"
+    return card.created + card.files["weights.pt"]
+
+
+def test_sigkill_during_training_never_leaves_a_mix(dataset, model_dir, tmp_path):
+    model = copy_model(model_dir, tmp_path)
+    before = model_state(model)
+    args = ["train", dataset["train"], "--out", model, "--epochs", "40", "--image-size", str(SIZE), "--seed", "1",
+            "--device", "cpu", "--quiet"]
+    outcomes = set()
+    for delay in (0.3, 2.0, 4.0, 6.0):
+        process = subprocess.Popen([sys.executable, "-m", "aadetect", *map(str, args)],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(delay)
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        state = model_state(model)  # raises if weights, density and card disagree
+        outcomes.add("old" if state == before else "new")
+        assert state is not None
+    calibrate = subprocess.Popen([sys.executable, "-m", "aadetect", "calibrate", "--model", str(model), "--good",
+                                  str(dataset["good"]), "--anomalous", str(dataset["anomalous"]), "--quiet"],
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(1.5)
+    calibrate.send_signal(signal.SIGKILL)
+    calibrate.wait()
+    model_state(model)
+    assert "old" in outcomes
+
+
+def test_resume_matches_an_uninterrupted_run(dataset, tmp_path):
+    common = ["--image-size", str(SIZE), "--seed", "3", "--device", "cpu", "--quiet", "--epochs", "12"]
+    straight = tmp_path / "straight"
+    assert run_cli("train", dataset["train"], "--out", straight, *common).returncode == 0
+
+    resumed = tmp_path / "resumed"
+    checkpoint = tmp_path / "resumed.checkpoint.pt"
+    process = subprocess.Popen([sys.executable, "-m", "aadetect", "train", str(dataset["train"]), "--out",
+                                str(resumed), *common], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not checkpoint.exists() and time.time() < deadline:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert checkpoint.exists() and not resumed.exists(), "killed too late to test a resume"
+    result = run_cli("train", dataset["train"], "--out", resumed, "--resume", *common)
+    assert result.returncode == 0, result.stderr
+    assert not checkpoint.exists()
+
+    first = jsonl(run_cli("score", "--model", straight, "--format", "jsonl", dataset["anomalous"]).stdout)
+    second = jsonl(run_cli("score", "--model", resumed, "--format", "jsonl", dataset["anomalous"]).stdout)
+    for a, b in zip(first, second, strict=True):
+        for key in ("reconstruction_error", "log_density", "score"):
+            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-5)
+
+
+def test_resume_refuses_other_settings(dataset, tmp_path):
+    out = tmp_path / "m"
+    checkpoint = tmp_path / "m.checkpoint.pt"
+    assert run_cli("train", dataset["train"], "--out", out, *TRAIN_ARGS).returncode == 0
+    assert_one_line_error(invoke("train", dataset["train"], "--out", out, "--resume", *TRAIN_ARGS), "no checkpoint")
+    checkpoint.write_bytes(b"garbage")
+    assert_one_line_error(invoke("train", dataset["train"], "--out", out, "--resume", *TRAIN_ARGS),
+                          "cannot read checkpoint")
+
+
+# ---- concurrency ----------------------------------------------------------------------------------------------
+
+def test_concurrent_scores_agree_while_calibrate_rewrites_the_card(model_dir, dataset, tmp_path):
+    model = copy_model(model_dir, tmp_path)
+    command = [sys.executable, "-m", "aadetect", "score", "--model", str(model), "--format", "jsonl",
+               str(dataset["anomalous"]), str(dataset["good"])]
+    scorers = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    calibrations = 0
+    while any(p.poll() is None for p in scorers) or calibrations < 2:
+        objective = ("balanced-accuracy", "f1")[calibrations % 2]
+        assert invoke("calibrate", "--model", model, "--good", dataset["good"], "--anomalous",
+                      dataset["anomalous"], "--objective", objective, "--quiet").exit_code == 0
+        calibrations += 1
+    outputs = [p.communicate() for p in scorers]
+    for out, err in outputs:
+        assert "error" not in err
+        rows = jsonl(out)
+        assert len(rows) == 24 and all(r["error"] is None for r in rows)
+    measured = [[(r["reconstruction_error"], r["log_density"]) for r in jsonl(out)] for out, _ in outputs]
+    assert measured[0] == measured[1] == measured[2]
+
+
+# ---- fuzzing --------------------------------------------------------------------------------------------------
+
+def mutate(data: bytes, rng: np.random.Generator) -> bytes:
+    """Flip, overwrite, cut or splice bytes: the corruptions a disk, a network or a person make."""
+    data = bytearray(data)
+    kind = rng.integers(4)
+    if kind == 0:
+        for position in rng.integers(0, len(data), size=rng.integers(1, 20)):
+            data[position] ^= 1 << int(rng.integers(8))
+    elif kind == 1:
+        start = int(rng.integers(0, len(data)))
+        data[start:start + int(rng.integers(1, 64))] = rng.integers(0, 256, size=64, dtype=np.uint8).tobytes()
+    elif kind == 2:
+        data = data[: int(rng.integers(0, len(data)))]
+    else:
+        start, length = int(rng.integers(0, len(data))), int(rng.integers(1, 200))
+        data = data[:start] + data[start + length:] + data[start:start + length]
+    return bytes(data)
+
+
+FUZZ_CASES = int(os.environ.get("AADETECT_FUZZ_CASES", "600"))
+
+
+def test_fuzzed_images_end_in_a_result_or_one_line_error(model_dir, tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(2024)
+    sources = {}
+    for suffix, options in ((".png", {}), (".jpg", {"quality": 90})):
+        path = tmp_path / f"source{suffix}"
+        Image.fromarray(blob_images(1, seed=9)[0]).resize((48, 48)).save(path, **options)
+        sources[suffix] = path.read_bytes()
+    folder = tmp_path / "fuzz"
+    folder.mkdir()
+    for case in range(FUZZ_CASES):
+        suffix = (".png", ".jpg")[case % 2]
+        (folder / f"case_{case:05d}{suffix}").write_bytes(mutate(sources[suffix], rng))
+    result = run_cli("score", "--model", model_dir, "--format", "jsonl", folder, timeout=600)
+    assert "Traceback" not in result.stderr
+    assert result.returncode in (0, 1, 2)
+    rows = jsonl(result.stdout)
+    assert len(rows) == FUZZ_CASES
+    scored = [r for r in rows if r["error"] is None]
+    failed = [r for r in rows if r["error"] is not None]
+    assert all(np.isfinite(r["score"]) for r in scored)
+    assert all("\n" not in r["error"] and r["error"].startswith(r["path"]) for r in failed)
+    error_lines = [line for line in result.stderr.splitlines() if line.startswith("aadetect: error:")]
+    assert len(error_lines) == len(failed)
+    print(f"fuzz: {len(rows)} cases, {len(scored)} scored, {len(failed)} refused with a one-line error")
