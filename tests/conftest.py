@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
+import os
 
-import numpy as np
-import pytest
-from PIL import Image
-from typer.testing import CliRunner
+# Tests run many small models side by side; one intra-op thread each avoids OpenMP threads
+# spinning against each other on small CI machines (subprocesses inherit this too).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from aadetect.cli import app
+import json  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from PIL import Image  # noqa: E402
+from typer.testing import CliRunner  # noqa: E402
+
+from aadetect.cli import app  # noqa: E402
 
 SIZE = 16
 

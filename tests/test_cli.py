@@ -93,6 +93,23 @@ def test_score_reads_paths_from_stdin(model_dir, dataset):
     assert jsonl(nul.stdout) == jsonl(result.stdout)
 
 
+def test_stdin_paths_with_spaces_unicode_and_newlines(model_dir, dataset, tmp_path):
+    import shutil
+
+    source = sorted(dataset["good"].iterdir())[0]
+    names = [tmp_path / "with space.png", tmp_path / "ünïcødé 画像.png", tmp_path / "new\nline.png"]
+    for name in names:
+        shutil.copy(source, name)
+    by_line = invoke("score", "--model", model_dir, "--format", "jsonl", "-",
+                     input="".join(f"{n}\n" for n in names[:2]))
+    assert [r["path"] for r in jsonl(by_line.stdout)] == [str(n) for n in names[:2]]
+    by_nul = invoke("score", "--model", model_dir, "--format", "jsonl", "--null", "-",
+                    input="\0".join(map(str, names)) + "\0")
+    rows = jsonl(by_nul.stdout)
+    assert [r["path"] for r in rows] == [str(n) for n in names]
+    assert len({r["score"] for r in rows}) == 1 and rows[0]["error"] is None
+
+
 def test_score_table_is_on_stdout(model_dir, dataset):
     result = invoke("score", "--model", model_dir, dataset["good"])
     assert "reconstruction_error" in result.stdout
