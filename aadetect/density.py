@@ -50,11 +50,12 @@ _FORMAT_VERSION = 1
 _STATE_KEYS = ("format_version", "codes", "covariance", "bandwidth", "factor")
 
 # Tiles of the queries x codes float64 matrix.
-# CPU: a block of _CPU_QUERY_TILE queries against code tiles of < 32768 elements in all,
-# which stays in L2 and keeps every torch op of a block below torch's parallel grain
-# size (so ops run single-threaded and blocks are spread over threads instead).
+# CPU: blocks of _CPU_QUERY_TILE queries against code tiles of _CPU_TILE_ELEMENTS in all
+# (1 MiB: stays in L2), one block per task of a few worker threads made single-threaded
+# (see _serial_controls). Where that switch is unavailable, tiles stay below torch's
+# parallel grain size (32768 elements), so that the ops of a block run serially anyway.
 # Accelerators: up to ~256 MiB per tile, few big kernels.
-_CPU_QUERY_TILE = 32
+_CPU_QUERY_TILE = 64
 _CPU_TILE_ELEMENTS = 1 << 17
 _CPU_SMALL_TILE_ELEMENTS = 32767
 _ACCEL_TILE_ELEMENTS = 1 << 25
@@ -144,14 +145,26 @@ def _make_thread_serial() -> None:
 class _Plan:
     """What the block workers of one log_density call share (all read-only but ``out``)."""
 
-    __slots__ = ("q_aug", "code_tiles", "q_tile", "c_tile", "out")
+    __slots__ = ("q_aug", "code_tiles", "q_tile", "c_tile", "out", "scratch")
 
     def __init__(self, q_aug, code_tiles, q_tile: int, c_tile: int, out):
+        import threading
+
         self.q_aug = q_aug
         self.code_tiles = code_tiles
         self.q_tile = q_tile
         self.c_tile = c_tile
         self.out = out
+        self.scratch = threading.local()  # one tile buffer per worker thread, reused
+
+    def tile_buffer(self):
+        import torch
+
+        buffer = getattr(self.scratch, "buffer", None)
+        if buffer is None:
+            buffer = torch.empty(self.q_tile * self.c_tile, dtype=torch.float64, device=self.q_aug.device)
+            self.scratch.buffer = buffer
+        return buffer
 
 
 def _score_block(plan: _Plan, q0: int) -> None:
@@ -167,8 +180,8 @@ def _score_block(plan: _Plan, q0: int) -> None:
     rows = q1 - q0
     q_block = q_aug[q0:q1]
     n_tiles = len(plan.code_tiles)
-    buffer = torch.empty(rows * plan.c_tile, dtype=torch.float64, device=q_aug.device)
-    full_view = buffer.view(rows, plan.c_tile)
+    buffer = plan.tile_buffer()
+    full_view = buffer[: rows * plan.c_tile].view(rows, plan.c_tile)
 
     def tile_view(width: int):
         return full_view if width == plan.c_tile else buffer[: rows * width].view(rows, width)

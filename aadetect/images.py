@@ -232,6 +232,12 @@ class Batch:
     pixels: "torch.Tensor | None"  # uint8 (B, C, S, S)
     errors: list[tuple[int, str]]
 
+    def pin_memory(self) -> Batch:
+        """Called by DataLoader(pin_memory=True), so GPU copies can be asynchronous."""
+        if self.pixels is not None:
+            self.pixels = self.pixels.pin_memory()
+        return self
+
 
 class DecodedImages:
     """Map-style dataset for torch's DataLoader: decode in worker processes, report errors as data."""
@@ -258,14 +264,14 @@ def _collate(items: list[tuple[int, np.ndarray | None, str | None]]) -> Batch:
 
 
 def iterate_batches(refs: list[ImageRef], size: int, channels: int, batch_size: int,
-                    workers: int | None = None) -> Iterator[Batch]:
+                    workers: int | None = None, pin_memory: bool = False) -> Iterator[Batch]:
     """Decode in order, in batches; worker processes only when there is enough work to pay for them."""
     from torch.utils.data import DataLoader
 
     if workers is None:
         workers = 0 if len(refs) < 4 * batch_size else min(2, os.cpu_count() or 1)
     loader = DataLoader(DecodedImages(refs, size, channels), batch_size=batch_size, shuffle=False,
-                        num_workers=workers, collate_fn=_collate)
+                        num_workers=workers, collate_fn=_collate, pin_memory=pin_memory)
     yield from loader
 
 

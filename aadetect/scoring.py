@@ -114,7 +114,7 @@ class Detector:
                      ) -> Iterator[tuple[ImageRef, dict | None, str | None]]:
         """Stream (ref, numbers, error) in input order; decoding runs in worker processes for big inputs."""
         for batch in iterate_batches(refs, self.image_size, self.channels, batch_size=4 * SCORE_BATCH,
-                                     workers=workers):
+                                     workers=workers, pin_memory=str(self.device).startswith("cuda")):
             rows: dict[int, tuple[dict | None, str | None]] = {i: (None, message) for i, message in batch.errors}
             if batch.pixels is not None:
                 scores = self.score(batch.pixels)

@@ -84,6 +84,8 @@ def train_autoencoder(images: torch.Tensor, arch: Architecture, config: TrainCon
     validation_indices, train_indices = order[:validation_count], order[validation_count:]
     train_images = images[train_indices]
     validation_images = images[validation_indices]
+    if str(device).startswith("cuda"):  # page-locked host memory: batches copy to the GPU asynchronously
+        train_images, validation_images = train_images.pin_memory(), validation_images.pin_memory()
 
     model = AdversarialAutoencoder(arch).to(device).to(memory_format=torch.channels_last)
     autoencoder_parameters = list(model.encoder.parameters()) + list(model.decoder.parameters())
@@ -112,7 +114,7 @@ def train_autoencoder(images: torch.Tensor, arch: Architecture, config: TrainCon
         if epoch - state["best_epoch"] >= config.patience:  # early stop (checked here so a resume agrees)
             break
         model.train()
-        totals = {"reconstruction": 0.0, "discriminator": 0.0, "generator": 0.0}
+        totals = {name: torch.zeros((), device=device) for name in ("reconstruction", "discriminator", "generator")}
         steps = 0
         permutation = torch.randperm(len(train_images), generator=generator)
         for batch_positions in permutation.split(config.batch_size):
@@ -128,7 +130,7 @@ def train_autoencoder(images: torch.Tensor, arch: Architecture, config: TrainCon
             reconstruction_optimizer.zero_grad(set_to_none=True)
             reconstruction_loss.backward()
             reconstruction_optimizer.step()
-            totals["reconstruction"] += reconstruction_loss.item()
+            totals["reconstruction"] += reconstruction_loss.detach()
 
             # Regularisation phase: the discriminator learns prior from codes, the encoder learns to fool it.
             if config.adversarial:
@@ -148,8 +150,8 @@ def train_autoencoder(images: torch.Tensor, arch: Architecture, config: TrainCon
                 generator_optimizer.zero_grad(set_to_none=True)
                 generator_loss.backward()
                 generator_optimizer.step()
-                totals["discriminator"] += discriminator_loss.item()
-                totals["generator"] += generator_loss.item()
+                totals["discriminator"] += discriminator_loss.detach()
+                totals["generator"] += generator_loss.detach()
             steps += 1
             if on_step is not None:
                 on_step({"epoch": epoch + 1, "images": len(batch_positions)})
@@ -159,7 +161,7 @@ def train_autoencoder(images: torch.Tensor, arch: Architecture, config: TrainCon
         if config.robust and epoch + 1 >= warmup:
             outliers = find_outliers(model, train_images, device, loss_measure, config.reject_z)
             weights = (~outliers).float()
-        record = {name: total / max(steps, 1) for name, total in totals.items()}
+        record = {name: total.item() / max(steps, 1) for name, total in totals.items()}  # one sync per epoch
         record.update(epoch=epoch + 1, validation=validation_loss, rejected=int((weights == 0).sum()))
         state["history"].append(record)
         if validation_loss < state["best_loss"]:
