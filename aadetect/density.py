@@ -22,12 +22,16 @@ How it is evaluated:
   codes. Rows whose direct sum is tiny (far queries, where the density underflows in
   linear space) are recomputed with a per-row max-shifted logsumexp, so they still
   get an exact log-density. Each row's path depends on that row alone.
-* Work is tiled over queries and codes, so memory stays bounded. On the CPU the tiles
-  are small (L2-sized, below torch's parallel grain size) and blocks of queries are
-  spread over ``torch.get_num_threads()`` Python threads (torch releases the GIL in
-  each op): far fewer passes over memory than the textbook formulation, and no
-  intra-op barriers to stall when another process takes a core. On accelerators the
-  tiles are up to ~256 MiB and run one after another.
+* Work is tiled over queries and codes, so memory stays bounded. On the CPU tiles are
+  L2-sized (1 MiB) and each block of queries is computed with single-threaded torch
+  ops and MKL (thread-local switches, see ``_SerialControls``); the blocks are spread
+  over ``torch.get_num_threads()`` Python threads (torch releases the GIL inside each
+  op). Per element that is one product, one clamp, one exp and one sum, all in cache,
+  with no intra-op barriers to stall whenever another process takes a core. On
+  accelerators the tiles are up to ~256 MiB and run one after another.
+* A query's value depends on the query and on the tile shapes only (fixed by the
+  number of queries, ``chunk_size`` and the device), not on the other queries nor on
+  the number of threads: the same query in a batch of the same shape gets the same bits.
 
 Neither torch nor scipy is imported at module import time: only ``fit`` needs scipy,
 and scoring only needs torch.
@@ -35,6 +39,7 @@ and scoring only needs torch.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import tempfile
@@ -68,11 +73,11 @@ _EXP_FLOOR = -700.0
 _MIN_DIRECT_SUM = 1e-200
 
 
-_SERIAL_CONTROLS: Any = None  # None: not probed yet; else (mkl_setter | None, omp_setter | None, omp_ok)
+_SERIAL_CONTROLS: Any = None  # None: not probed yet; else a _SerialControls
 
 
-def _find_function(patterns: tuple[str, ...], name: str):
-    """``name`` from a library bundled with torch (torch/lib), as a ctypes int(int) function."""
+def _find_function(patterns: tuple[str, ...], name: str, argtypes: list):
+    """``name`` from a library bundled with torch (torch/lib), as a ctypes int function."""
     import ctypes
     import glob
 
@@ -85,61 +90,79 @@ def _find_function(patterns: tuple[str, ...], name: str):
                 function = getattr(ctypes.CDLL(candidate), name)
             except (OSError, AttributeError):
                 continue
-            function.argtypes = [ctypes.c_int]
+            function.argtypes = argtypes
+            function.restype = ctypes.c_int
             return function
     return None
 
 
-def _serial_controls():
-    """Thread-local switches that make torch ops and MKL run single-threaded in one thread.
+class _SerialControls:
+    """Thread-local switches that make torch ops and MKL single-threaded in one thread.
 
-    Returns (mkl, omp, omp_ok): ``MKL_Set_Num_Threads_Local`` (MKL's C API; the lower-case
-    symbol is the Fortran one) and OpenMP's ``omp_set_num_threads``, from the libraries
-    torch ships, or None; ``omp_ok`` says a probe thread confirmed that the OpenMP switch
-    is the one torch obeys (``torch.get_num_threads()`` drops to 1 in that thread only).
-    Both settings are per thread: nothing outside the worker threads changes.
+    ``MKL_Set_Num_Threads_Local`` (MKL's C API; the lower-case symbol is the Fortran one)
+    and OpenMP's ``omp_set_num_threads`` / ``omp_get_max_threads``, from the libraries
+    torch ships. Both settings are per thread, so nothing outside the calling thread
+    changes, and ``serial()`` restores them on exit. ``ok`` is True when a probe thread
+    confirmed that the OpenMP switch is the one torch obeys (``torch.get_num_threads()``
+    drops to 1 in that thread only); otherwise the switches are not used at all.
     """
-    global _SERIAL_CONTROLS
-    if _SERIAL_CONTROLS is None:
-        mkl = omp = None
-        omp_ok = False
+
+    def __init__(self, probe: bool = True) -> None:
+        self.mkl = self.omp_set = self.omp_get = None
+        self.ok = False
+        if not probe:
+            return
         try:
+            import ctypes
             import threading
 
             import torch
 
+            omp_libs = ("libgomp*", "libiomp*", "libomp*")
+            omp_set = _find_function(omp_libs, "omp_set_num_threads", [ctypes.c_int])
+            omp_get = _find_function(omp_libs, "omp_get_max_threads", [])
+            if omp_set is None or omp_get is None:
+                return
+            seen: list[int] = []
+
+            def probe() -> None:
+                omp_set(1)
+                seen.append(torch.get_num_threads())
+
+            thread = threading.Thread(target=probe, name="aadetect-kde-probe")
+            thread.start()
+            thread.join()
+            if seen != [1]:
+                return
             if torch.backends.mkl.is_available():
-                mkl = _find_function(("*torch_cpu*",), "MKL_Set_Num_Threads_Local")
-            omp = _find_function(("libgomp*", "libiomp*", "libomp*"), "omp_set_num_threads")
-            if omp is not None:
-                seen = []
-
-                def probe() -> None:
-                    omp(1)
-                    seen.append(torch.get_num_threads())
-
-                thread = threading.Thread(target=probe, name="aadetect-kde-probe")
-                thread.start()
-                thread.join()
-                omp_ok = seen == [1]
+                self.mkl = _find_function(("*torch_cpu*",), "MKL_Set_Num_Threads_Local", [ctypes.c_int])
+            self.omp_set, self.omp_get, self.ok = omp_set, omp_get, True
         except Exception:  # noqa: BLE001 - an optimisation only; never fail scoring over it
-            mkl = omp = None
-            omp_ok = False
-        _SERIAL_CONTROLS = (mkl, omp if omp_ok else None, omp_ok)
+            self.mkl = self.omp_set = self.omp_get = None
+            self.ok = False
+
+    @contextlib.contextmanager
+    def serial(self):
+        """Run the body with single-threaded torch ops and MKL in this thread."""
+        if not self.ok:
+            yield
+            return
+        omp_before = self.omp_get()
+        mkl_before = self.mkl(1) if self.mkl is not None else None  # returns the previous value
+        self.omp_set(1)
+        try:
+            yield
+        finally:
+            self.omp_set(omp_before)
+            if mkl_before is not None:
+                self.mkl(mkl_before)
+
+
+def _serial_controls() -> _SerialControls:
+    global _SERIAL_CONTROLS
+    if _SERIAL_CONTROLS is None:
+        _SERIAL_CONTROLS = _SerialControls()
     return _SERIAL_CONTROLS
-
-
-def _make_thread_serial() -> None:
-    """Single-threaded MKL and torch ops in the calling worker thread (see _serial_controls).
-
-    Without it, each worker's products and element-wise ops would start their own OpenMP
-    teams, oversubscribing the cores (about +50% CPU time on 2 cores).
-    """
-    mkl, omp, _ = _serial_controls()
-    if mkl is not None:
-        mkl(1)
-    if omp is not None:
-        omp(1)
 
 
 class _Plan:
@@ -470,7 +493,9 @@ class KernelDensity:
         if not bool(torch.isfinite(q).all()):
             raise ValueError("queries contain NaN or infinite values")
 
-        with torch.no_grad():
+        # inference mode here and in the worker threads (it is thread-local), so that the
+        # cached and intermediate tensors are the same kind whatever mode the caller is in
+        with torch.inference_mode():
             chol, center, codes_aug = self._device_state(device)
             out = self._log_density(q, chol, center, codes_aug, chunk_size)
         return out.cpu().numpy().astype(np.float64, copy=False)
@@ -491,10 +516,12 @@ class KernelDensity:
         q_aug[:, d] = (whitened * whitened).sum(dim=1).mul_(-0.5)
         q_aug[:, d + 1] = 1.0
 
+        serial = _serial_controls() if on_cpu else None
         if on_cpu:
-            # With worker threads made serial, tiles can be L2-sized; without that switch
-            # they stay below torch's grain size so that ops run serially anyway.
-            budget = _CPU_TILE_ELEMENTS if _serial_controls()[2] else _CPU_SMALL_TILE_ELEMENTS
+            # Blocks run with single-threaded ops (see _SerialControls), so tiles can be
+            # L2-sized; without that switch they stay below torch's parallel grain size,
+            # so that the ops of a block run serially anyway.
+            budget = _CPU_TILE_ELEMENTS if serial.ok else _CPU_SMALL_TILE_ELEMENTS
             # more rows when there are few codes, to keep the number of calls down
             q_tile = max(1, min(chunk_size, m, max(_CPU_QUERY_TILE, budget // n)))
             c_tile = max(1, min(n, budget // q_tile))
@@ -507,20 +534,23 @@ class KernelDensity:
         starts = range(0, m, q_tile)
         workers = min(torch.get_num_threads(), len(starts)) if on_cpu else 1
         if workers > 1:
-            # Blocks are small enough that every torch op in them runs single-threaded, and
-            # torch releases the GIL inside each op: a few Python threads pulling blocks
-            # keep the cores busy and, unlike intra-op parallelism, do not stall at a
-            # barrier whenever another process takes a core.
+            # Serial blocks spread over a few Python threads (torch releases the GIL inside
+            # each op): the cores stay busy and, unlike intra-op parallelism, nothing
+            # stalls at a barrier whenever another process takes a core. Every block is
+            # computed the same way whichever thread runs it, and whatever the thread count.
             from concurrent.futures import ThreadPoolExecutor
 
             def work(q0: int) -> None:
-                # (again per block: torch's lazy per-thread initialisation may reset it)
-                _make_thread_serial()
-                _score_block(plan, q0)
+                with torch.inference_mode(), serial.serial():
+                    _score_block(plan, q0)
 
             with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="aadetect-kde") as pool:
                 for _ in pool.map(work, starts):
                     pass
+        elif on_cpu:
+            with serial.serial():
+                for q0 in starts:
+                    _score_block(plan, q0)
         else:
             for q0 in starts:
                 _score_block(plan, q0)

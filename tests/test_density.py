@@ -84,12 +84,17 @@ def test_without_thread_controls_and_single_threaded(monkeypatch):
     density = KernelDensity.fit(codes)
     expected = _scipy_logpdf(codes, queries)
     # no per-thread OpenMP/MKL switch found: small tiles, still threaded
-    monkeypatch.setattr(density_module, "_SERIAL_CONTROLS", (None, None, False))
+    monkeypatch.setattr(density_module, "_SERIAL_CONTROLS", density_module._SerialControls(probe=False))
     np.testing.assert_allclose(density.log_density(queries, chunk_size=16), expected, rtol=1e-9, atol=0)
     monkeypatch.undo()
-    # one torch thread: blocks run inline, no worker threads
+    threads = torch.get_num_threads()
+    threaded = density.log_density(queries)
+    density.log_density(queries[:3])  # one block: computed inline in this thread
+    assert torch.get_num_threads() == threads  # per-thread switches restored
+    np.testing.assert_allclose(threaded, expected, rtol=1e-9, atol=0)
+    # one torch thread: blocks run inline, no worker threads; the same arithmetic
     monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
-    np.testing.assert_allclose(density.log_density(queries), expected, rtol=1e-9, atol=0)
+    np.testing.assert_array_equal(density.log_density(queries), threaded)
 
 
 def test_chunk_size_invariance():
@@ -131,6 +136,21 @@ def test_torch_and_float32_inputs():
         density.log_density(torch.from_numpy(as32)), density.log_density(as32.astype(np.float64))
     )
     assert density.log_density(np.empty((0, 4))).shape == (0,)
+
+
+def test_works_under_inference_mode_and_with_grad_tensors():
+    import torch
+
+    codes, near, far = _codes_and_queries(500, 4, seed=23)
+    queries = torch.from_numpy(np.concatenate([near, far])).requires_grad_(True)
+    expected = _scipy_logpdf(codes, queries.detach().numpy())
+    with torch.inference_mode():  # the scorer's setting; the cache is built here first
+        density = KernelDensity.fit(codes)
+        inside = density.log_density(queries)
+    np.testing.assert_allclose(inside, expected, rtol=1e-9, atol=0)
+    np.testing.assert_array_equal(density.log_density(queries), inside)
+    with torch.no_grad():
+        np.testing.assert_array_equal(density.log_density(queries), inside)
 
 
 def test_bad_queries_rejected():
