@@ -67,34 +67,29 @@ def test_fit_keeps_scipy_covariance_and_factor():
 
 
 def test_code_tiling_matches_scipy(monkeypatch):
-    # force many code tiles (and a ragged last one) through the running logsumexp
-    monkeypatch.setattr(density_module, "_CPU_TILE_ELEMENTS", 10 * 37)
-    monkeypatch.setattr(density_module, "_CPU_SMALL_TILE_ELEMENTS", 10 * 37)
+    # many code tiles (and a ragged last one) summed per query, near and far queries alike
+    monkeypatch.setattr(density_module, "CODE_TILE", 37)
     codes, near, far = _codes_and_queries(500, 4, seed=7)
     queries = np.concatenate([near[:40], far])
     got = KernelDensity.fit(codes).log_density(queries, chunk_size=10)
     np.testing.assert_allclose(got, _scipy_logpdf(codes, queries), rtol=1e-9, atol=0)
 
 
-def test_without_thread_controls_and_single_threaded(monkeypatch):
+def test_one_thread_gives_the_same_numbers():
     import torch
 
     codes, near, far = _codes_and_queries(3000, 8, seed=19)
     queries = np.concatenate([near, far])
     density = KernelDensity.fit(codes)
-    expected = _scipy_logpdf(codes, queries)
-    # no per-thread OpenMP/MKL switch found: small tiles, still threaded
-    monkeypatch.setattr(density_module, "_SERIAL_CONTROLS", density_module._SerialControls(probe=False))
-    np.testing.assert_allclose(density.log_density(queries, chunk_size=16), expected, rtol=1e-9, atol=0)
-    monkeypatch.undo()
-    threads = torch.get_num_threads()
     threaded = density.log_density(queries)
-    density.log_density(queries[:3])  # one block: computed inline in this thread
-    assert torch.get_num_threads() == threads  # per-thread switches restored
-    np.testing.assert_allclose(threaded, expected, rtol=1e-9, atol=0)
-    # one torch thread: blocks run inline, no worker threads; the same arithmetic
-    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
-    np.testing.assert_array_equal(density.log_density(queries), threaded)
+    np.testing.assert_allclose(threaded, _scipy_logpdf(codes, queries), rtol=1e-9, atol=0)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        single = density.log_density(queries)
+    finally:
+        torch.set_num_threads(threads)
+    np.testing.assert_allclose(single, threaded, rtol=1e-12, atol=0)
 
 
 def test_chunk_size_invariance():
