@@ -234,14 +234,18 @@ def demo(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the demo's images and model.")]
         = Path("aadetect-demo"),
     seed: Annotated[int, typer.Option(help="Seed for the generated images and the training.")] = 0,
+    epochs: Annotated[int, typer.Option(help="Most training epochs.")] = 20,
+    train_images: Annotated[int, typer.Option(help="How many good cell images to generate for training.")] = 1500,
     format: Annotated[ReportFormat, typer.Option("--format", "-f", help="Output format.")] = ReportFormat.table,
     quiet: QuietOption = False,
 ) -> None:
     """Run the whole job offline on generated microscope-like cell images and print the evaluation."""
     from aadetect.demo import run_demo
 
+    if train_images < 20:
+        raise UserError(f"--train-images must be at least 20, got {train_images}")
     reporter = reporter_for(quiet)
-    report = run_demo(out, seed=seed, reporter=reporter)
+    report = run_demo(out, seed=seed, epochs=epochs, train_images=train_images, reporter=reporter)
     print_report(report, format)
 
 

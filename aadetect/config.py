@@ -68,7 +68,7 @@ class Architecture:
         widths: list[int] = []
         size = image_size
         while size % 2 == 0 and size > 4:
-            widths.append(min(32 * 2 ** len(widths), 128))
+            widths.append(min(16 * 2 ** len(widths), 128))
             size //= 2
         return cls(image_size=image_size, channels=channels, latent_dim=latent_dim, widths=tuple(widths))
 

@@ -9,24 +9,26 @@ from aadetect.progress import Reporter
 
 DEMO_IMAGE_SIZE = 48  # generated images; the model sees them at 32 px
 DEMO_TRAIN_IMAGES = 1500
+DEMO_EPOCHS = 20
 
 
-def demo_config(seed: int = 0) -> TrainConfig:
-    """Settings sized so the demo finishes in a few minutes on two CPU cores."""
-    return TrainConfig(seed=seed, device="cpu", epochs=20, image_size=32)
+def demo_config(seed: int = 0, epochs: int = DEMO_EPOCHS) -> TrainConfig:
+    """Settings sized so the demo finishes in a couple of minutes on two CPU cores."""
+    return TrainConfig(seed=seed, device="cpu", epochs=epochs, image_size=32)
 
 
-def run_demo(out: str | Path, *, seed: int = 0, reporter: Reporter | None = None) -> dict:
+def run_demo(out: str | Path, *, seed: int = 0, epochs: int = DEMO_EPOCHS, train_images: int = DEMO_TRAIN_IMAGES,
+             reporter: Reporter | None = None) -> dict:
     """Write the demo images under `out`, train a model there and return the test-split evaluation."""
     from aadetect.pipeline import calibrate_detector, evaluate_detector, train_detector
     from aadetect.synthetic import write_demo_dataset
 
     reporter = reporter or Reporter()
     out = Path(out)
-    folders = write_demo_dataset(out / "data", seed=seed, size=DEMO_IMAGE_SIZE, n_train=DEMO_TRAIN_IMAGES)
+    folders = write_demo_dataset(out / "data", seed=seed, size=DEMO_IMAGE_SIZE, n_train=train_images)
     reporter.info(f"demo images written under {out / 'data'}")
     model_dir = out / "model"
-    train_detector(folders["train"], demo_config(seed), model_dir, reporter=reporter)
+    train_detector(folders["train"], demo_config(seed, epochs), model_dir, reporter=reporter)
     calibrate_detector(model_dir, folders["calibrate_good"], folders["calibrate_anomalous"], device="cpu",
                        reporter=reporter)
     report = evaluate_detector(model_dir, folders["test_good"], folders["test_anomalous"], device="cpu",

@@ -252,3 +252,19 @@ def test_list_rejected_prints_paths(dataset, tmp_path):
     card = ModelCard.from_yaml((tmp_path / "m" / "card.yaml").read_text())
     assert len(listed) == card.data.rejected_count
     assert (tmp_path / "m" / "rejected.txt").read_text().splitlines() == listed
+
+
+def test_demo_runs_the_whole_job(tmp_path):
+    result = invoke("demo", "--out", tmp_path / "demo", "--epochs", "1", "--train-images", "60", "--format", "json")
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["n_good"] == 200 and report["n_anomalous"] == 200
+    assert set(report["auroc"]) == {"reconstruction", "density", "combined"}
+    card = ModelCard.from_yaml((tmp_path / "demo" / "model" / "card.yaml").read_text())
+    assert card.thresholds.calibrated and card.data.image_count == 60
+    assert str(tmp_path / "demo" / "model") in result.stderr
+    # the demo's evaluation is the evaluate command's, number for number
+    folders = tmp_path / "demo" / "data"
+    again = invoke("evaluate", "--model", tmp_path / "demo" / "model", "--good", folders / "test_good",
+                   "--anomalous", folders / "test_anomalous", "--format", "json")
+    assert json.loads(again.stdout) == report
