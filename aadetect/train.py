@@ -60,10 +60,15 @@ def encode_all(model: AdversarialAutoencoder, images: torch.Tensor, device: str,
 
 
 def find_outliers(model, images: torch.Tensor, device: str, measure: str, reject_z: float) -> torch.Tensor:
-    """Images far out of line in reconstruction error or in distance from the prior's centre."""
+    """Images far out of line in reconstruction error or in distance from the prior's centre.
+
+    Both are positive and right-skewed, so they are judged on a log scale; otherwise the
+    long natural tail of good images would be rejected too.
+    """
     codes, errors = encode_all(model, images, device, measure)
     prior_distance = codes.square().sum(1)
-    return torch.maximum(robust_z(errors), robust_z(prior_distance)) > reject_z
+    log_error, log_distance = errors.clamp_min(1e-12).log(), prior_distance.clamp_min(1e-12).log()
+    return torch.maximum(robust_z(log_error), robust_z(log_distance)) > reject_z
 
 
 def weighted_mean(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,36 @@
+"""Robust training: planted outliers in a small contaminated set lose their weight."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from aadetect.config import Architecture, TrainConfig
+from aadetect.train import train_autoencoder
+from conftest import SIZE, blob_images
+
+
+def contaminated_set(outliers: int = 8):
+    good = blob_images(240, seed=11)
+    noise = np.random.default_rng(12).integers(0, 256, size=(outliers, SIZE, SIZE), dtype=np.uint8)
+    images = torch.from_numpy(np.concatenate([good, noise]))[:, None]
+    return images, np.arange(len(good), len(good) + outliers)
+
+
+def test_planted_outliers_are_rejected_and_clean_images_kept():
+    images, planted = contaminated_set()
+    config = TrainConfig(epochs=6, image_size=SIZE, seed=0, patience=100)
+    result = train_autoencoder(images, Architecture.for_images(SIZE, 1, 8), config, "cpu")
+    planted_in_training = np.intersect1d(planted, result.train_indices)
+    assert len(planted_in_training) >= 5
+    assert set(planted_in_training) <= set(result.rejected)  # every planted outlier loses its weight
+    clean_rejected = np.setdiff1d(result.rejected, planted)
+    assert len(clean_rejected) <= 0.03 * len(result.train_indices)
+    assert result.history[-1]["rejected"] >= len(planted_in_training)
+
+
+def test_without_robust_nothing_is_rejected():
+    images, _ = contaminated_set()
+    config = TrainConfig(epochs=3, image_size=SIZE, seed=0, robust=False)
+    result = train_autoencoder(images, Architecture.for_images(SIZE, 1, 8), config, "cpu")
+    assert len(result.rejected) == 0 and result.history[-1]["rejected"] == 0
