@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the aadetect command sets it, before torch loads
 REPO = Path(__file__).resolve().parents[1]
 if __package__ in (None, ""):
     sys.path.insert(0, str(REPO))
@@ -49,7 +50,8 @@ def heavy_modules_after(args: list[str]) -> list[str]:
             "print(','.join(m for m in ('torch', 'torchvision', 'scipy', 'scipy.stats') if m in sys.modules), "
             "file=sys.stderr)")
     result = subprocess.run([PYTHON, "-c", code, *args], capture_output=True, text=True)
-    return [m for m in result.stderr.strip().splitlines()[-1].split(",") if m]
+    last_line = (result.stderr.splitlines() or [""])[-1]
+    return [m for m in last_line.split(",") if m]
 
 
 def write_images(folder: Path, count: int, size: int, channels: int, seed: int = 0) -> Path:
