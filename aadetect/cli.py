@@ -120,6 +120,8 @@ def train(
     adversarial: Annotated[bool, typer.Option(help="Match the codes to a Gaussian prior (off: plain autoencoder).")] = True,
     robust: Annotated[bool, typer.Option(help="Reject likely outliers in DATA during training.")] = True,
     strict: Annotated[bool, typer.Option(help="Stop at the first unreadable file instead of skipping it.")] = False,
+    memory_limit_mb: Annotated[int, typer.Option(help="Keep decoded training images in memory up to this size; "
+                                                      "above it, read them from disk every epoch.")] = 4096,
     resume: Annotated[bool, typer.Option(help="Continue an interrupted run from its checkpoint.")] = False,
     list_rejected: Annotated[bool, typer.Option(help="Print the training images rejected as likely outliers "
                                                      "on stdout, one per line.")] = False,
@@ -128,7 +130,7 @@ def train(
     """Train a detector on a folder of good images and write a model folder with its card."""
     config = TrainConfig(epochs=epochs, image_size=image_size, latent_dim=latent_dim, batch_size=batch_size,
                          error=error.value, seed=seed, device=device, adversarial=adversarial, robust=robust,
-                         strict=strict)
+                         strict=strict, memory_limit_mb=memory_limit_mb)
     config.validate()
     from aadetect.pipeline import train_detector
 

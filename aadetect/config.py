@@ -30,6 +30,7 @@ class TrainConfig:
     patience: int = 8
     target_fpr: float = 0.05
     strict: bool = False
+    memory_limit_mb: int = 4096  # decoded training images above this are read from disk each epoch
 
     def validate(self) -> None:
         """Fail fast, before any expensive work, on settings that cannot work."""
@@ -48,6 +49,8 @@ class TrainConfig:
         if not 0.0 < self.validation_fraction < 0.5:
             raise UserError(f"validation fraction must be in (0, 0.5), got {self.validation_fraction}")
         check_fraction("--target-fpr", self.target_fpr)
+        if self.memory_limit_mb < 0:
+            raise UserError(f"--memory-limit-mb must not be negative, got {self.memory_limit_mb}")
         if self.learning_rate <= 0:
             raise UserError(f"--learning-rate must be positive, got {self.learning_rate}")
 

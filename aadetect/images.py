@@ -276,8 +276,11 @@ def iterate_batches(refs: list[ImageRef], size: int, channels: int, batch_size: 
 
 
 def load_images(refs: list[ImageRef], size: int, channels: int, *, strict: bool = False,
-                on_batch=None) -> tuple["torch.Tensor", list[ImageRef], list[str]]:
-    """Decode every image once into one uint8 tensor; unreadable ones are skipped (or fatal if strict)."""
+                on_batch=None, keep: bool = True) -> tuple["torch.Tensor", list[ImageRef], list[str]]:
+    """Decode every image once into one uint8 tensor; unreadable ones are skipped (or fatal if strict).
+
+    With keep=False the pixels are checked and dropped (for data read from disk later).
+    """
     import torch
 
     parts, kept, errors = [], [], []
@@ -286,9 +289,40 @@ def load_images(refs: list[ImageRef], size: int, channels: int, *, strict: bool 
             raise UserError(batch.errors[0][1] + " (--strict)")
         errors.extend(message for _, message in batch.errors)
         if batch.pixels is not None:
-            parts.append(batch.pixels)
+            if keep:
+                parts.append(batch.pixels)
             kept.extend(refs[i] for i in batch.indices)
         if on_batch is not None:
             on_batch(len(batch.indices) + len(batch.errors))
     pixels = torch.cat(parts) if parts else torch.empty(0, channels, size, size, dtype=torch.uint8)
     return pixels, kept, errors
+
+
+class ImagesOnDisk:
+    """uint8 images decoded when used: the fallback for training sets too large to hold in memory.
+
+    Indexing with a slice or index tensor gives another lazy view; `materialize` decodes it.
+    """
+
+    def __init__(self, refs: list[ImageRef], size: int, channels: int):
+        self.refs, self.size, self.channels = refs, size, channels
+
+    def __len__(self) -> int:
+        return len(self.refs)
+
+    def __getitem__(self, key) -> ImagesOnDisk:
+        picked = self.refs[key] if isinstance(key, slice) else [self.refs[int(i)] for i in key]
+        return ImagesOnDisk(picked, self.size, self.channels)
+
+    def pin_memory(self) -> ImagesOnDisk:
+        return self
+
+    def materialize(self) -> "torch.Tensor":
+        import torch
+
+        return torch.from_numpy(np.stack([decode(ref, self.size, self.channels) for ref in self.refs]))
+
+
+def materialize(pixels) -> "torch.Tensor":
+    """A uint8 tensor, whether the images are held in memory or read from disk."""
+    return pixels.materialize() if isinstance(pixels, ImagesOnDisk) else pixels

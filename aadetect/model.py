@@ -84,5 +84,7 @@ def reconstruction_error(reconstruction: torch.Tensor, images: torch.Tensor, mea
 
 def to_input(pixels: torch.Tensor, device: torch.device | str) -> torch.Tensor:
     """uint8 (B,C,H,W) pixels to the model's float input in [0, 1], channels_last for fast CPU convolutions."""
-    images = pixels.to(device, non_blocking=True).float().div_(255.0)
+    from aadetect.images import materialize
+
+    images = materialize(pixels).to(device, non_blocking=True).float().div_(255.0)
     return images.contiguous(memory_format=torch.channels_last)

@@ -16,7 +16,7 @@ from aadetect.card import (CARD_FILE, DENSITY_FILE, REJECTED_FILE, VALIDATION_FI
                            Calibration, DataInfo, DensityInfo, ModelCard, Preprocessing, TrainingInfo, read_card)
 from aadetect.config import AUTO, Architecture, TrainConfig, check_fraction
 from aadetect.errors import UserError
-from aadetect.images import ImageRef, choose_image_size, find_images, image_mode, load_images
+from aadetect.images import ImageRef, ImagesOnDisk, choose_image_size, find_images, image_mode, load_images
 from aadetect.progress import Reporter
 
 MIN_TRAIN_IMAGES = 10
@@ -70,8 +70,14 @@ def read_training_images(data: Path, config: TrainConfig, reporter: Reporter):
         raise UserError(f"{data}: none of the {len(refs)} images could be read")
     channels = 1 if all(c == 1 for _, _, c in shapes) else 3
     size = config.image_size if config.image_size != AUTO else choose_image_size(shapes)
+    needed_mb = len(usable) * channels * size * size / 2**20
     with reporter.progress("decoding", total=len(usable)) as advance:
-        pixels, kept, errors = load_images(usable, size, channels, strict=config.strict, on_batch=advance)
+        pixels, kept, errors = load_images(usable, size, channels, strict=config.strict, on_batch=advance,
+                                           keep=needed_mb <= config.memory_limit_mb)
+    if needed_mb > config.memory_limit_mb:
+        reporter.warn(f"the decoded images need {needed_mb:,.0f} MB, over --memory-limit-mb "
+                      f"{config.memory_limit_mb}: reading them from disk every epoch instead (slower)")
+        pixels = ImagesOnDisk(kept, size, channels)
     skipped += errors
     for message in skipped:
         reporter.warn(f"skipped {message}")

@@ -15,7 +15,7 @@ import numpy as np
 
 from aadetect.card import DENSITY_FILE, WEIGHTS_FILE, ModelCard, Thresholds, read_card
 from aadetect.errors import UserError
-from aadetect.images import ImageRef, iterate_batches
+from aadetect.images import ImageRef, iterate_batches, materialize
 
 # Every forward pass sees a batch of exactly this many images (the last one padded), so an
 # image gets bit-identical numbers whether it is scored alone or inside a large folder.
@@ -88,7 +88,7 @@ class Detector:
         errors, densities = [], []
         with torch.inference_mode():
             for start in range(0, len(pixels), SCORE_BATCH):
-                chunk = pixels[start:start + SCORE_BATCH]
+                chunk = materialize(pixels[start:start + SCORE_BATCH])
                 count = len(chunk)
                 if count < SCORE_BATCH:
                     chunk = torch.cat([chunk, chunk.new_zeros((SCORE_BATCH - count, *chunk.shape[1:]))])

@@ -268,3 +268,12 @@ def test_demo_runs_the_whole_job(tmp_path):
     again = invoke("evaluate", "--model", tmp_path / "demo" / "model", "--good", folders / "test_good",
                    "--anomalous", folders / "test_anomalous", "--format", "json")
     assert json.loads(again.stdout) == report
+
+
+def test_training_from_disk_when_over_the_memory_limit(dataset, tmp_path, model_dir):
+    out = tmp_path / "streamed"
+    result = invoke("train", dataset["train"], "--out", out, "--memory-limit-mb", "0", *TRAIN_ARGS)
+    assert result.exit_code == 0, result.stderr
+    assert "reading them from disk" in result.stderr
+    # the same pixels in the same order: the same model as training from memory
+    assert (out / "weights.pt").read_bytes() == (model_dir / "weights.pt").read_bytes()
