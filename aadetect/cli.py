@@ -109,7 +109,7 @@ def train(
                                               "or a .npy/.npz array shaped (N,H,W) or (N,H,W,C).")],
     out: Annotated[Path, typer.Option("--out", "-o", envvar="AADETECT_MODEL",
                                       help="Model folder to write (env: AADETECT_MODEL).")] = Path(DEFAULT_MODEL),
-    epochs: Annotated[int, typer.Option(help="Most training epochs (early stopping may end sooner).")] = 40,
+    epochs: Annotated[int, typer.Option(help="Most training epochs (early stopping may end sooner).")] = 20,
     image_size: Annotated[int, typer.Option(help="Side in pixels the images are resized to; "
                                                  "0 = auto: 32 for digit-sized data, 64 otherwise.")] = 0,
     latent_dim: Annotated[int, typer.Option(help="Size of the bottleneck code.")] = 16,

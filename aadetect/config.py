@@ -14,7 +14,7 @@ AUTO = 0  # image_size == AUTO: pick the size from the data
 class TrainConfig:
     """Everything that decides what `train` builds; recorded verbatim in the card."""
 
-    epochs: int = 40
+    epochs: int = 20
     image_size: int = AUTO
     latent_dim: int = 16
     batch_size: int = 64
