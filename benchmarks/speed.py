@@ -224,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         results["startup"] = startup(work, repeats)
         kde = measure_kde_speed(2000, 1000, 16, 3) if args.quick else measure_kde_speed()
         results["kde"] = kde
-        results["scoring"] = scoring(work, 500 if args.quick else 2000, 3)
+        results["scoring"] = scoring(work, 500 if args.quick else 5000, 3)
         results["memory"] = peak_rss(work, (200, 1000) if args.quick else (1000, 20000))
         results["training"] = training(1 if args.quick else 3)
     finally:
