@@ -120,6 +120,19 @@ def _check_codes_not_degenerate(codes: np.ndarray) -> None:
         )
 
 
+def _checked_codes(codes: np.ndarray) -> np.ndarray:
+    """Codes a KDE can be fitted to: (n, d), finite, more codes than dimensions, none constant."""
+    if codes.ndim != 2 or codes.shape[1] < 1:
+        raise ValueError(f"codes must be a 2-D array (n_codes, dim), got shape {codes.shape}")
+    n, d = codes.shape
+    if n < d + 1:
+        raise ValueError(_too_few_codes_message(n, d))
+    if not np.all(np.isfinite(codes)):
+        raise ValueError("codes contain NaN or infinite values")
+    _check_codes_not_degenerate(codes)
+    return codes
+
+
 def _cholesky_lower(covariance: np.ndarray, n: int) -> np.ndarray:
     """Lower Cholesky factor with numpy (no scipy); ValueError when (numerically) singular."""
     d = covariance.shape[0]
@@ -152,16 +165,9 @@ class KernelDensity:
     """
 
     def __init__(self, codes: np.ndarray, covariance: np.ndarray, bandwidth: str, factor: float):
-        codes = np.array(codes, dtype=np.float64, copy=True)
+        codes = _checked_codes(np.array(codes, dtype=np.float64, copy=True))
         covariance = np.array(covariance, dtype=np.float64, copy=True)
-        if codes.ndim != 2 or codes.shape[1] < 1:
-            raise ValueError(f"codes must be a 2-D array (n_codes, dim), got shape {codes.shape}")
         n, d = codes.shape
-        if n < d + 1:
-            raise ValueError(_too_few_codes_message(n, d))
-        if not np.all(np.isfinite(codes)):
-            raise ValueError("codes contain NaN or infinite values")
-        _check_codes_not_degenerate(codes)
         if covariance.shape != (d, d):
             raise ValueError(
                 f"covariance must have shape ({d}, {d}) to match codes of dimension {d}, "
@@ -198,15 +204,8 @@ class KernelDensity:
         ``bandwidth``: "scott", "silverman" or a positive number (also as a string), which
         scipy uses directly as the bandwidth factor.
         """
-        codes = np.asarray(codes, dtype=np.float64)
-        if codes.ndim != 2 or codes.shape[1] < 1:
-            raise ValueError(f"codes must be a 2-D array (n_codes, dim), got shape {codes.shape}")
+        codes = _checked_codes(np.asarray(codes, dtype=np.float64))
         n, d = codes.shape
-        if n < d + 1:
-            raise ValueError(_too_few_codes_message(n, d))
-        if not np.all(np.isfinite(codes)):
-            raise ValueError("codes contain NaN or infinite values")
-        _check_codes_not_degenerate(codes)
         bw_method = _parse_bandwidth(bandwidth)
 
         import scipy.linalg
