@@ -79,6 +79,12 @@ def user_errors(command):
         except KeyboardInterrupt:
             say("aadetect: interrupted")
             raise typer.Exit(130) from None
+        except BrokenPipeError:  # e.g. `aadetect score ... | head`: the reader left, stop quietly
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            raise typer.Exit(EXIT_ANOMALY) from None
+        except OSError as error:  # a full disk, a read-only --out folder: the user's to fix, not a bug
+            say(f"aadetect: error: {error.filename or ''}{': ' if error.filename else ''}{error.strerror or error}")
+            raise typer.Exit(EXIT_USAGE) from None
     return run
 
 
