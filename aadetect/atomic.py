@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import os
 import shutil
 import tempfile
@@ -36,12 +37,31 @@ def staged_directory(target: Path) -> Iterator[Path]:
     """A fresh folder beside `target`; on success it replaces `target` whole, on failure it vanishes."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.staging-", dir=target.parent))
+    remove_abandoned(target)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.staging-{os.getpid()}-", dir=target.parent))
     try:
         yield staging
         replace_directory(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def remove_abandoned(target: Path) -> None:
+    """Delete staging folders left beside `target` by writers that were killed (their process is gone)."""
+    for leftover in target.parent.glob(f".{glob.escape(target.name)}.staging-*"):
+        pid = leftover.name.rsplit(".staging-", 1)[1].split("-", 1)[0]
+        if pid.isdigit() and not _process_alive(int(pid)):
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def replace_directory(source: Path, target: Path) -> None:

@@ -186,6 +186,9 @@ def test_sigkill_during_training_never_leaves_a_mix(dataset, model_dir, tmp_path
         state = model_state(model)  # raises if weights, density and card disagree
         outcomes.add("old" if state == before else "new")
         assert state is not None
+    leftovers = list(tmp_path.glob(".model.staging-*"))
+    assert run_cli("train", dataset["train"], "--out", model, *TRAIN_ARGS).returncode == 0
+    assert all(not path.exists() for path in leftovers)  # abandoned staging folders are cleaned up
     calibrate = subprocess.Popen([sys.executable, "-m", "aadetect", "calibrate", "--model", str(model), "--good",
                                   str(dataset["good"]), "--anomalous", str(dataset["anomalous"]), "--quiet"],
                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
