@@ -6,6 +6,8 @@ import io
 import os
 import re
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -108,14 +110,25 @@ def test_decompression_bomb_is_refused(tmp_path):
         decode(ImageRef(path), 16, 1)
 
 
-def test_unreadable_file(tmp_path):
+def test_unreadable_file(model_dir, tmp_path):
+    """A file the user may not read. Root reads everything, so as root (as in CI) the command runs
+    without the capabilities that let root bypass file permissions."""
+    import shutil
+    import subprocess
+    import sys
+
+    locked = tmp_path / "locked.png"
+    Image.fromarray(gradient()).save(locked)
+    locked.chmod(0)
+    prefix = []
     if os.geteuid() == 0:
-        pytest.skip("root reads every file")
-    path = tmp_path / "locked.png"
-    Image.fromarray(gradient()).save(path)
-    path.chmod(0)
-    with pytest.raises(UserError, match="permission denied"):
-        decode(ImageRef(path), 16, 1)
+        if not shutil.which("setpriv"):
+            pytest.skip("running as root without setpriv to drop the file-permission override")
+        prefix = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search"]
+    result = subprocess.run([*prefix, sys.executable, "-m", "aadetect", "score", "--model", str(model_dir),
+                             "--format", "jsonl", str(locked)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr
+    assert f"{locked}: permission denied" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_folder_search_is_recursive_sorted_and_survives_symlink_loops(tmp_path):
