@@ -113,6 +113,8 @@ def train_autoencoder(images: torch.Tensor, arch: Architecture, config: TrainCon
         weights = resume_from["weights"]
         torch.set_rng_state(resume_from["rng"])
         generator.set_state(resume_from["generator"])
+        if resume_from.get("cuda_rng") is not None:  # prior samples are drawn on the device
+            torch.cuda.set_rng_state(resume_from["cuda_rng"], device)
         state = {key: resume_from[key] for key in state}
 
     for epoch in range(state["epoch"], config.epochs):
@@ -178,7 +180,8 @@ def train_autoencoder(images: torch.Tensor, arch: Architecture, config: TrainCon
         if save_checkpoint is not None:
             save_checkpoint({**state, "model": model.state_dict(), "weights": weights,
                              "optimizers": {name: opt.state_dict() for name, opt in optimizers.items()},
-                             "rng": torch.get_rng_state(), "generator": generator.get_state()})
+                             "rng": torch.get_rng_state(), "generator": generator.get_state(),
+                             "cuda_rng": torch.cuda.get_rng_state(device) if str(device).startswith("cuda") else None})
 
     if state["best_model"] is not None:
         model.load_state_dict(state["best_model"])
