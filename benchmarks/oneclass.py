@@ -408,6 +408,17 @@ def _pyod_params(model) -> dict:
     return params
 
 
+def _fit_pyod(model, px: SplitPixels) -> dict:
+    """Fit a PyOD detector on the flattened training pixels and score it like every peer."""
+    t0 = time.perf_counter()
+    model.fit(px.train)
+    fit_s = time.perf_counter() - t0
+    cls = type(model)
+    settings = {"class": f"{cls.__module__}.{cls.__name__}", "params": _pyod_params(model),
+                "input": "flattened pixels scaled to [0,1]", "score": "decision_function"}
+    return _score_peer(model.decision_function, px, fit_s, settings)
+
+
 def peer_pyod_ae(px: SplitPixels, seed: int, epochs: int | None = None) -> dict:
     from pyod.models.auto_encoder import AutoEncoder
 
@@ -415,13 +426,7 @@ def peer_pyod_ae(px: SplitPixels, seed: int, epochs: int | None = None) -> dict:
     kw = {"random_state": seed, "verbose": 0}
     if epochs is not None:
         kw["epoch_num"] = epochs
-    model = AutoEncoder(**kw)  # PyOD defaults otherwise
-    t0 = time.perf_counter()
-    model.fit(px.train)
-    fit_s = time.perf_counter() - t0
-    settings = {"class": "pyod.models.auto_encoder.AutoEncoder", "params": _pyod_params(model),
-                "input": "flattened pixels scaled to [0,1]", "score": "decision_function"}
-    return _score_peer(model.decision_function, px, fit_s, settings)
+    return _fit_pyod(AutoEncoder(**kw), px)  # PyOD defaults otherwise
 
 
 def peer_pyod_deepsvdd(px: SplitPixels, seed: int, epochs: int | None = None) -> dict:
@@ -431,13 +436,7 @@ def peer_pyod_deepsvdd(px: SplitPixels, seed: int, epochs: int | None = None) ->
     kw = {"n_features": px.train.shape[1], "random_state": seed, "verbose": 0}
     if epochs is not None:
         kw["epochs"] = epochs
-    model = DeepSVDD(**kw)  # PyOD defaults otherwise
-    t0 = time.perf_counter()
-    model.fit(px.train)
-    fit_s = time.perf_counter() - t0
-    settings = {"class": "pyod.models.deep_svdd.DeepSVDD", "params": _pyod_params(model),
-                "input": "flattened pixels scaled to [0,1]", "score": "decision_function"}
-    return _score_peer(model.decision_function, px, fit_s, settings)
+    return _fit_pyod(DeepSVDD(**kw), px)  # PyOD defaults otherwise
 
 
 # ------------------------------------------------------------------- reporting
