@@ -349,8 +349,4 @@ def print_report(report: dict, format: ReportFormat) -> None:
 
 
 def main() -> None:
-    # OpenMP threads that spin while waiting made training 3-12x slower whenever another
-    # process shared the cores (benchmarks/RESULTS.md); sleeping costs little when idle.
-    # Set before torch is first imported; an explicit setting by the user wins.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     app()
