@@ -39,11 +39,6 @@ class Scores:
         return {"reconstruction_error": float(self.reconstruction_error[i]), "log_density": float(self.log_density[i]),
                 "score": float(self.score[i]), "anomaly": bool(self.anomaly[i]), "reason": str(self.reason[i])}
 
-    @classmethod
-    def concatenate(cls, parts: list[Scores]) -> Scores:
-        return cls(*(np.concatenate([getattr(p, f) for p in parts]) if parts else np.empty(0)
-                     for f in cls.__dataclass_fields__))
-
 
 def decide(reconstruction_error: np.ndarray, log_density: np.ndarray, thresholds: Thresholds) -> Scores:
     """The OR rule. `score` is the larger threshold-normalised excess: positive exactly when the rule fires."""
