@@ -74,7 +74,7 @@ def _margin(cuts: np.ndarray, values: np.ndarray, scale: float) -> np.ndarray:
 
 def choose_thresholds(good: Measurements, anomalous: Measurements | None, scales: tuple[float, float], *,
                       objective: str = "balanced-accuracy", target_fpr: float | None = None) -> CalibrationResult:
-    """Search both cuts jointly for the best objective on the samples; ties go to the widest margin.
+    """Search both cuts jointly for the best objective on the samples; ties go to balanced cuts.
 
     With no anomalous samples, fall back to a false-positive budget on the good ones.
     """
@@ -109,8 +109,13 @@ def choose_thresholds(good: Measurements, anomalous: Measurements | None, scales
     value = rates["f1" if objective == "f1" else "balanced_accuracy"]
     if target_fpr is not None:
         value = np.where(rates["fpr"] <= target_fpr + 1e-12, value, -np.inf)
+    # Among equally good pairs, prefer cuts at the same height above the good samples in scale
+    # units (then the widest margin): `score`, the larger normalised excess, then ranks images by
+    # both signals alike instead of by whichever threshold happened to sit closer.
+    imbalance = np.abs(((error_cuts - np.median(good.reconstruction_error)) / reconstruction_scale)[:, None]
+                       - ((np.median(good.log_density) - density_cuts) / density_scale)[None, :])
     best = np.flatnonzero(value == value.max())
-    pick = best[np.argmax(margin.ravel()[best])]
+    pick = best[np.lexsort((-margin.ravel()[best], np.round(2 * imbalance.ravel()[best])))[0]]
     i, j = np.unravel_index(pick, value.shape)
     method = f"joint search maximising {objective}" + (f" at FPR <= {target_fpr}" if target_fpr is not None else "")
     thresholds = Thresholds(reconstruction=float(error_cuts[i]), density=float(density_cuts[j]),

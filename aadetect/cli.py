@@ -115,16 +115,21 @@ def train(
                                               "or a .npy/.npz array shaped (N,H,W) or (N,H,W,C).")],
     out: Annotated[Path, typer.Option("--out", "-o", envvar="AADETECT_MODEL",
                                       help="Model folder to write (env: AADETECT_MODEL).")] = Path(DEFAULT_MODEL),
-    epochs: Annotated[int, typer.Option(help="Most training epochs (early stopping may end sooner).")] = 20,
-    image_size: Annotated[int, typer.Option(help="Side in pixels the images are resized to; "
-                                                 "0 = auto: 32 for digit-sized data, 64 otherwise.")] = 0,
-    latent_dim: Annotated[int, typer.Option(help="Size of the bottleneck code.")] = 16,
-    batch_size: Annotated[int, typer.Option(help="Images per training step.")] = 64,
+    epochs: Annotated[int, typer.Option(help="Most training epochs (early stopping may end sooner).")
+                      ] = TrainConfig.epochs,
+    image_size: Annotated[int, typer.Option(help="Side in pixels the images are resized to; 0 = auto: the "
+                                                 "images' own size (to a multiple of 4) up to 32, else 64.")
+                          ] = TrainConfig.image_size,
+    latent_dim: Annotated[int, typer.Option(help="Size of the bottleneck code.")] = TrainConfig.latent_dim,
+    batch_size: Annotated[int, typer.Option(help="Images per training step.")] = TrainConfig.batch_size,
     error: Annotated[ErrorMeasure, typer.Option(help="Reconstruction error measure.")] = ErrorMeasure.mse,
     seed: Annotated[int, typer.Option(help="Random seed: same seed, data and device give the same model.")] = 0,
     device: DeviceOption = "auto",
-    adversarial: Annotated[bool, typer.Option(help="Match the codes to a Gaussian prior (off: plain autoencoder).")] = True,
-    robust: Annotated[bool, typer.Option(help="Reject likely outliers in DATA during training.")] = True,
+    adversarial: Annotated[bool, typer.Option(help="Match the codes to a Gaussian prior with a discriminator "
+                                                   "(off by default: it weakened the latent density).")
+                           ] = TrainConfig.adversarial,
+    robust: Annotated[bool, typer.Option(help="Reject likely outliers in DATA during training.")
+                      ] = TrainConfig.robust,
     strict: Annotated[bool, typer.Option(help="Stop at the first unreadable file instead of skipping it.")] = False,
     memory_limit_mb: Annotated[int, typer.Option(help="Keep decoded training images in memory up to this size; "
                                                       "above it, read them from disk every epoch.")] = 4096,

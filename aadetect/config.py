@@ -16,14 +16,13 @@ class TrainConfig:
 
     epochs: int = 20
     image_size: int = AUTO
-    latent_dim: int = 16
+    latent_dim: int = 32
     batch_size: int = 64
     error: str = "mse"
     seed: int = 0
     device: str = "auto"
     learning_rate: float = 1e-3
-    adversarial: bool = True
-    adversarial_weight: float = 1.0
+    adversarial: bool = False  # the Gaussian prior made the latent density a weaker signal (benchmarks/RESULTS.md)
     robust: bool = True
     reject_z: float = 3.5
     validation_fraction: float = 0.1

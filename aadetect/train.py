@@ -60,14 +60,17 @@ def encode_all(model: AdversarialAutoencoder, images: torch.Tensor, device: str,
 
 
 def find_outliers(model, images: torch.Tensor, device: str, measure: str, reject_z: float) -> torch.Tensor:
-    """Images far out of line in reconstruction error or in distance from the prior's centre.
+    """Images far out of line in reconstruction error or in how far their code lies from the others.
 
-    Both are positive and right-skewed, so they are judged on a log scale; otherwise the
-    long natural tail of good images would be rejected too.
+    The code distance is measured from the codes' median in units of each dimension's spread, so it
+    works with or without the Gaussian prior. Both measures are positive and right-skewed, so they
+    are judged on a log scale; otherwise the long natural tail of good images would be rejected too.
     """
     codes, errors = encode_all(model, images, device, measure)
-    prior_distance = codes.square().sum(1)
-    log_error, log_distance = errors.clamp_min(1e-12).log(), prior_distance.clamp_min(1e-12).log()
+    centre = codes.median(0).values
+    spread = (codes - centre).abs().median(0).values.clamp_min(1e-12)
+    code_distance = ((codes - centre) / spread).square().sum(1)
+    log_error, log_distance = errors.clamp_min(1e-12).log(), code_distance.clamp_min(1e-12).log()
     return torch.maximum(robust_z(log_error), robust_z(log_distance)) > reject_z
 
 
@@ -151,7 +154,7 @@ def train_autoencoder(images: torch.Tensor, arch: Architecture, config: TrainCon
                 discriminator_optimizer.step()
 
                 fooled = model.discriminator(codes)
-                generator_loss = config.adversarial_weight * weighted_mean(
+                generator_loss = weighted_mean(
                     F.binary_cross_entropy_with_logits(fooled, torch.ones_like(fooled), reduction="none"),
                     batch_weights)
                 generator_optimizer.zero_grad(set_to_none=True)

@@ -8,9 +8,9 @@ run that dies keeps what it measured (``--resume FILE`` picks it up again).
 
 Methods
   aadetect            aadetect train (defaults) / calibrate / evaluate --format json
-  aadetect-noadv      the same with ``train --no-adversarial`` (prior off)
-  aadetect-recon      plain autoencoder, reconstruction error alone: the
-                      --no-adversarial model's auroc.reconstruction (reuses that run)
+  aadetect-adv        the same with ``train --adversarial`` (Gaussian prior on the codes)
+  aadetect-recon      plain autoencoder, reconstruction error alone: the default
+                      (prior off) model's auroc.reconstruction (reuses that run)
   aadetect-norobust   ``train --no-robust`` (outlier rejection off)
   pca-kde             PCA (numpy SVD) of the raw pixels to 32 dims + scipy gaussian_kde;
                       score = -logpdf
@@ -53,17 +53,17 @@ if str(REPO) not in sys.path:
 
 from benchmarks import datasets as D  # noqa: E402
 
-AADETECT_METHODS = ("aadetect", "aadetect-noadv", "aadetect-recon", "aadetect-norobust")
+AADETECT_METHODS = ("aadetect", "aadetect-adv", "aadetect-recon", "aadetect-norobust")
 PEER_METHODS = ("pca-kde", "pyod-ae", "pyod-deepsvdd")
 ALL_METHODS = AADETECT_METHODS + PEER_METHODS
 DEFAULT_METHODS = {
-    "oneclass": ("aadetect", "aadetect-noadv", "aadetect-recon") + PEER_METHODS,
-    "contamination": ("aadetect", "aadetect-noadv", "aadetect-recon", "aadetect-norobust") + PEER_METHODS,
+    "oneclass": ("aadetect", "aadetect-adv", "aadetect-recon") + PEER_METHODS,
+    "contamination": ("aadetect", "aadetect-adv", "aadetect-recon", "aadetect-norobust") + PEER_METHODS,
 }
-# extra `aadetect train` flags per aadetect variant; aadetect-recon reuses the noadv model
+# extra `aadetect train` flags per aadetect variant; aadetect-recon reuses the default model
 VARIANT_TRAIN_ARGS = {
     "aadetect": [],
-    "aadetect-noadv": ["--no-adversarial"],
+    "aadetect-adv": ["--adversarial"],
     "aadetect-norobust": ["--no-robust"],
 }
 # contamination protocol defaults (Beggel et al., ECML-PKDD 2019)
@@ -293,7 +293,7 @@ class AadetectRunner:
 
     def method(self, method: str, split_name: str, split_dir: Path) -> dict:
         if method == "aadetect-recon":
-            r = self.variant(split_name, split_dir, "aadetect-noadv")
+            r = self.variant(split_name, split_dir, "aadetect")
             ev = r["evaluate"]
             rec = ev["auroc"]["reconstruction"]
             by_signal = ev.get("balanced_accuracy_by_signal") or {}
@@ -302,7 +302,7 @@ class AadetectRunner:
                 "auprc": {"combined": (ev.get("auprc") or {}).get("reconstruction")},
                 "balanced_accuracy": by_signal.get("reconstruction"),
                 "train_seconds": r["train_seconds"],
-                "settings": {"note": "reconstruction error of the aadetect-noadv model (reused run)",
+                "settings": {"note": "reconstruction error of the default aadetect model (reused run)",
                              "commands": r["commands"]},
                 "evaluate": ev,
             }
