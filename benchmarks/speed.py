@@ -1,6 +1,8 @@
 """Speed of aadetect: start-up, exact KDE, streaming scoring, memory, training.
 
-    python benchmarks/speed.py [--quick] [--json out.json]
+    python benchmarks/speed.py [--quick] [--json out.json] [--device cuda]
+
+With --device cuda it measures the GPU path only: the KDE, scoring and training on the GPU.
 
 Prints a markdown table. Ratios are measured side by side in one run (the machines
 are noisy); times are medians of several runs. Numbers go into benchmarks/RESULTS.md.
@@ -88,7 +90,7 @@ def startup(work: Path, repeats: int) -> dict:
     return rows
 
 
-def scoring(work: Path, count: int, repeats: int) -> dict:
+def scoring(work: Path, count: int, repeats: int, device: str = "cpu") -> dict:
     """Streaming from PNG files against the detector's own speed on decoded tensors (64x64 RGB)."""
     import torch
 
@@ -99,13 +101,13 @@ def scoring(work: Path, count: int, repeats: int) -> dict:
     model = work / "rgb64-model"
     train_tiny_model(data, model, 64)
     folder = write_images(work / "rgb64-score", count, 64, 3, seed=1)
-    detector = Detector.load(model, "cpu")
+    detector = Detector.load(model, device)
     refs = find_images(folder)
     pixels, _, _ = load_images(refs, 64, 3)
 
     def tensor_only() -> float:
         start = time.perf_counter()
-        detector.measure(pixels)
+        detector.measure(pixels)  # returns numpy arrays: the device has finished
         return time.perf_counter() - start
 
     def streaming() -> float:
@@ -113,6 +115,8 @@ def scoring(work: Path, count: int, repeats: int) -> dict:
         for _ in detector.score_images(refs):
             pass
         return time.perf_counter() - start
+
+    tensor_only()  # warm-up: kernels, the KDE's per-device cache
 
     tensor_times, stream_times = [], []
     for _ in range(repeats):  # interleaved, so both see the same machine
@@ -142,7 +146,7 @@ def peak_rss(work: Path, counts: tuple[int, ...]) -> dict:
     return result
 
 
-def training(repeats: int) -> dict:
+def training(repeats: int, device: str = "cpu") -> dict:
     """Training images/s on decoded tensors, and what flush-denormal and channels_last change."""
     import torch
 
@@ -158,10 +162,11 @@ def training(repeats: int) -> dict:
         times = []
         for _ in range(repeats):
             start = time.perf_counter()
-            train_autoencoder(images, arch, config, "cpu")
+            train_autoencoder(images, arch, config, device)
             times.append(time.perf_counter() - start)
         result[f"train_images_per_s_{label}"] = 2 * 990 / statistics.median(times)
-    result.update(layout_and_denormals())
+    if device == "cpu":
+        result.update(layout_and_denormals())
     return result
 
 
@@ -215,7 +220,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke run")
     parser.add_argument("--json", type=Path, help="also write the numbers here")
+    parser.add_argument("--device", default="cpu", help="cpu (everything) or cuda (KDE, scoring, training)")
     args = parser.parse_args(argv)
+    if args.device != "cpu":
+        return gpu_main(args)
     repeats = 3 if args.quick else 5
     work = Path(tempfile.mkdtemp(prefix="aadetect-speed-"))
     results: dict = {"machine": machine()}
@@ -229,6 +237,33 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(render(results))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2, default=str))
+    return 0
+
+
+def gpu_main(args) -> int:
+    """The GPU path: exact KDE, streaming scoring and training on the device (start-up is the CPU's)."""
+    import torch
+
+    work = Path(tempfile.mkdtemp(prefix="aadetect-speed-"))
+    results: dict = {"machine": {**machine(), "gpu": torch.cuda.get_device_name(args.device)}}
+    try:
+        results["kde"] = measure_kde_speed(device=args.device)
+        results["scoring"] = scoring(work, 500 if args.quick else 5000, 3, args.device)
+        results["training"] = training(1 if args.quick else 3, args.device)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    k, sc, tr = results["kde"], results["scoring"], results["training"]
+    print("\n".join([
+        f"machine: {results['machine']}", "", "| measure (GPU) | value |", "|---|---|",
+        f"| KDE {k['n_codes']} codes x {k['n_queries']} queries, d={k['dim']} | scipy {k['scipy_s']:.2f} s, "
+        f"ours {k['ours_s']:.4f} s = {k['speedup']:.0f}x, max rel diff {k['max_rel_diff']:.1e} |",
+        f"| scoring 64x64 RGB, decoded tensors | {sc['tensor_only_images_per_s']:.0f} images/s |",
+        f"| scoring 64x64 RGB, streaming PNG files | {sc['streaming_images_per_s']:.0f} images/s = "
+        f"{sc['streaming_over_tensor_only']:.0%} of tensor-only |",
+        f"| training 28x28 gray | {tr['train_images_per_s_28x28_gray']:.0f} images/s |",
+        f"| training 64x64 RGB | {tr['train_images_per_s_64x64_rgb']:.0f} images/s |"]))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2, default=str))
     return 0
