@@ -17,7 +17,7 @@ from typing import Annotated, Optional
 import typer
 
 from aadetect import __version__
-from aadetect.config import TrainConfig
+from aadetect.config import ERROR_MEASURES, TrainConfig
 from aadetect.errors import UserError
 
 app = typer.Typer(
@@ -50,10 +50,7 @@ class Objective(str, Enum):
     f1 = "f1"
 
 
-class ErrorMeasure(str, Enum):
-    mse = "mse"
-    mae = "mae"
-    rmse = "rmse"
+ErrorMeasure = Enum("ErrorMeasure", {measure: measure for measure in ERROR_MEASURES}, type=str)
 
 
 ModelOption = Annotated[Path, typer.Option("--model", "-m", envvar="AADETECT_MODEL",
@@ -122,7 +119,8 @@ def train(
                           ] = TrainConfig.image_size,
     latent_dim: Annotated[int, typer.Option(help="Size of the bottleneck code.")] = TrainConfig.latent_dim,
     batch_size: Annotated[int, typer.Option(help="Images per training step.")] = TrainConfig.batch_size,
-    error: Annotated[ErrorMeasure, typer.Option(help="Reconstruction error measure.")] = ErrorMeasure.mse,
+    error: Annotated[ErrorMeasure, typer.Option(help="Reconstruction error measure (smooth-mse: of the residual "
+                                                     "averaged over 3x3 pixels).")] = ErrorMeasure(TrainConfig.error),
     seed: Annotated[int, typer.Option(help="Random seed: same seed, data and device give the same model.")] = 0,
     device: DeviceOption = "auto",
     adversarial: Annotated[bool, typer.Option(help="Match the codes to a Gaussian prior with a discriminator "
