@@ -96,7 +96,7 @@ def train_detector(data: str | Path, config: TrainConfig, model_dir: str | Path,
     from aadetect.atomic import staged_directory, write_atomic, write_text_atomic
     from aadetect.calibration import Measurements, robust_scale, thresholds_for_fpr
     from aadetect.density import KernelDensity
-    from aadetect.devices import resolve_device
+    from aadetect.devices import exact_math, resolve_device
     from aadetect.scoring import Detector, sha256_file
     from aadetect.train import encode_all, train_autoencoder
 
@@ -125,12 +125,14 @@ def train_detector(data: str | Path, config: TrainConfig, model_dir: str | Path,
                                    f"loss {record['reconstruction']:.4f} val {record['validation']:.4f}"
                                    + (f" rejected {record['rejected']}" if config.robust else ""))
 
-        result = train_autoencoder(pixels, arch, config, device, on_step=lambda step: advance(step["images"]),
-                                   on_epoch=on_epoch, save_checkpoint=save_checkpoint, resume_from=resume_from)
+        with exact_math(device):
+            result = train_autoencoder(pixels, arch, config, device, on_step=lambda step: advance(step["images"]),
+                                       on_epoch=on_epoch, save_checkpoint=save_checkpoint, resume_from=resume_from)
 
     model = result.model
     fit_indices = np.setdiff1d(result.train_indices, result.rejected)
-    codes, _ = encode_all(model, pixels[torch.from_numpy(fit_indices)], device, "mse")
+    with exact_math(device):
+        codes, _ = encode_all(model, pixels[torch.from_numpy(fit_indices)], device, "mse")
     try:
         density = KernelDensity.fit(codes.double().numpy())
     except ValueError as exc:

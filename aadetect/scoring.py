@@ -78,10 +78,11 @@ class Detector:
         """Reconstruction error and KDE log-density for uint8 images (N, C, S, S)."""
         import torch
 
+        from aadetect.devices import exact_math
         from aadetect.model import reconstruction_error, to_input
 
         errors, densities = [], []
-        with torch.inference_mode():
+        with torch.inference_mode(), exact_math(self.device):
             for start in range(0, len(pixels), SCORE_BATCH):
                 chunk = materialize(pixels[start:start + SCORE_BATCH])
                 count = len(chunk)
