@@ -1,4 +1,4 @@
-"""aadetect: find anomalous images with an adversarial autoencoder.
+"""aadetect: find anomalous images with an autoencoder (optionally adversarial) and a latent-space density.
 
 Kept import-light on purpose: ``aadetect --help`` must not pull in torch or scipy.
 """

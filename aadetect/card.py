@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from aadetect.config import ERROR_MEASURES
 from aadetect.errors import UserError
 
 FORMAT_VERSION = 1
@@ -154,6 +155,9 @@ class ModelCard:
             raise UserError(f"{CARD_FILE}: threshold scales must be positive")
         if self.preprocessing.channels not in (1, 3):
             raise UserError(f"{CARD_FILE}: preprocessing.channels must be 1 or 3")
+        if self.error_measure not in ERROR_MEASURES:
+            raise UserError(f"{CARD_FILE}: error_measure must be one of {', '.join(ERROR_MEASURES)}, "
+                            f"got {self.error_measure!r:.40}")
 
 
 def _plain(value: Any) -> Any:

@@ -22,7 +22,7 @@ from aadetect.errors import UserError
 
 app = typer.Typer(
     name="aadetect",
-    help="Find anomalous images with an adversarial autoencoder and a latent-space density.\n\n"
+    help="Find anomalous images with an autoencoder (optionally adversarial) and a latent-space density.\n\n"
          "Typical use: `aadetect train ./good`, then `aadetect calibrate --good G --anomalous A`, "
          "then `aadetect score img.png`.",
     no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
@@ -102,7 +102,7 @@ def main_options(
     version: Annotated[Optional[bool], typer.Option("--version", callback=version_callback, is_eager=True,
                                                     help="Print the version and exit.")] = None,
 ) -> None:
-    """Find anomalous images with an adversarial autoencoder."""
+    """Find anomalous images with an autoencoder and a latent-space density."""
 
 
 @app.command()

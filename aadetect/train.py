@@ -1,9 +1,10 @@
-"""The training loop: reconstruction phase, then regularisation phase, each step; robust to outliers.
+"""The training loop: a reconstruction phase and, with the adversarial prior on, a regularisation
+phase, each step; robust to outliers.
 
 Robust training follows Beggel et al. (ECML-PKDD 2019): after a warm-up, images whose
-reconstruction error or likelihood under the prior is far out of line with the rest
-are rejected (weight 0) from the reconstruction and prior-matching losses, re-judged
-every epoch; so the encoder is never pulled to place them in the prior's dense region.
+reconstruction error or code position is far out of line with the rest are rejected
+(weight 0) from the reconstruction and prior-matching losses, re-judged every epoch; so
+the model is never pulled to rebuild them well or to place them among the good codes.
 """
 
 from __future__ import annotations

@@ -85,6 +85,7 @@ def test_options_checked_before_any_work(dataset, model_dir):
     (lambda card: card["thresholds"].update(reconstruction=float("nan")), "thresholds.reconstruction is not a finite"),
     (lambda card: card.update(format_version=99), "unknown card format_version 99"),
     (lambda card: card["architecture"].update(latent_dim="16"), "architecture.latent_dim must be int"),
+    (lambda card: card.update(error_measure="ssim"), "error_measure must be one of"),
 ])
 def test_damaged_card_is_refused(model_dir, dataset, tmp_path, change, fragment):
     model = copy_model(model_dir, tmp_path)

@@ -1,0 +1,44 @@
+"""The model's building blocks on hand-made inputs with a known answer."""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from aadetect.config import Architecture  # noqa: E402
+from aadetect.images import choose_image_size  # noqa: E402
+from aadetect.model import AdversarialAutoencoder, reconstruction_error  # noqa: E402
+
+
+def test_smooth_mse_counts_a_shifted_stroke_less_than_a_missing_one():
+    image = torch.zeros(1, 1, 16, 16)
+    image[..., 4:12, 7] = 1.0
+    shifted = torch.roll(image, 1, dims=3)
+    missing = torch.zeros_like(image)
+    plain = [reconstruction_error(r, image, "mse").item() for r in (shifted, missing)]
+    smooth = [reconstruction_error(r, image, "smooth-mse").item() for r in (shifted, missing)]
+    assert plain[0] > plain[1]  # plain MSE calls the shifted stroke twice as wrong
+    assert smooth[0] < smooth[1]  # smooth-mse: less wrong than a missing stroke
+
+
+def test_smooth_mse_is_per_image():
+    images = torch.rand(3, 1, 8, 8)
+    reconstructions = torch.rand(3, 1, 8, 8)
+    together = reconstruction_error(reconstructions, images, "smooth-mse")
+    alone = torch.cat([reconstruction_error(reconstructions[i:i + 1], images[i:i + 1], "smooth-mse")
+                       for i in range(3)])
+    assert torch.allclose(together, alone)
+
+
+@pytest.mark.parametrize("sides, expected", [([28] * 5, 28), ([30, 30, 31], 28), ([32, 32], 32), ([6], 8),
+                                             ([33, 40, 500], 64)])
+def test_small_images_keep_their_own_size(sides, expected):
+    assert choose_image_size([(side, side, 1) for side in sides]) == expected
+
+
+@pytest.mark.parametrize("size", [28, 32, 64, 12])
+def test_the_decoder_rebuilds_the_input_shape(size):
+    arch = Architecture.for_images(size, 3, 32)
+    codes, reconstruction = AdversarialAutoencoder(arch).eval()(torch.rand(2, 3, size, size))
+    assert codes.shape == (2, 32) and reconstruction.shape == (2, 3, size, size)
