@@ -18,7 +18,7 @@ from typing import Any
 from aadetect.config import ERROR_MEASURES
 from aadetect.errors import UserError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: reconstruction scale in log units; centres of held-out good images
 CARD_FILE = "card.yaml"
 WEIGHTS_FILE = "weights.pt"
 DENSITY_FILE = "density.npz"
@@ -79,14 +79,17 @@ class DensityInfo:
 class Thresholds:
     """The OR rule: anomalous when reconstruction_error > reconstruction or log_density < density.
 
-    The scales (robust spreads on held-out good images) put both excesses in one unit,
-    so that ``score`` is the larger normalised excess and is positive exactly when the rule fires.
+    The centres (medians) and scales (robust spreads) of held-out good images, for the log
+    reconstruction error and for the log-density, put both excesses in one unit, so that
+    ``score`` is the larger normalised excess and is positive exactly when the rule fires.
     """
 
     reconstruction: float
     density: float
     reconstruction_scale: float
     density_scale: float
+    reconstruction_centre: float
+    density_centre: float
     calibrated: bool
     method: str
 
@@ -147,12 +150,15 @@ class ModelCard:
 
     def check(self) -> None:
         """Values that parse but cannot work."""
-        for name in ("reconstruction", "density", "reconstruction_scale", "density_scale"):
+        for name in ("reconstruction", "density", "reconstruction_scale", "density_scale", "reconstruction_centre",
+                     "density_centre"):
             value = getattr(self.thresholds, name)
             if not math.isfinite(value):
                 raise UserError(f"{CARD_FILE}: thresholds.{name} is not a finite number ({value})")
         if self.thresholds.reconstruction_scale <= 0 or self.thresholds.density_scale <= 0:
             raise UserError(f"{CARD_FILE}: threshold scales must be positive")
+        if self.thresholds.reconstruction <= 0 or self.thresholds.reconstruction_centre <= 0:
+            raise UserError(f"{CARD_FILE}: thresholds.reconstruction and reconstruction_centre must be positive")
         if self.preprocessing.channels not in (1, 3):
             raise UserError(f"{CARD_FILE}: preprocessing.channels must be 1 or 3")
         if self.error_measure not in ERROR_MEASURES:

@@ -12,8 +12,9 @@ from pathlib import Path
 import numpy as np
 
 from aadetect import __version__
-from aadetect.card import (CARD_FILE, DENSITY_FILE, REJECTED_FILE, VALIDATION_FILE, WEIGHTS_FILE, ArchitectureInfo,
-                           Calibration, DataInfo, DensityInfo, ModelCard, Preprocessing, TrainingInfo, read_card)
+from aadetect.card import (CARD_FILE, DENSITY_FILE, FORMAT_VERSION, REJECTED_FILE, VALIDATION_FILE, WEIGHTS_FILE,
+                           ArchitectureInfo, Calibration, DataInfo, DensityInfo, ModelCard, Preprocessing,
+                           TrainingInfo, read_card)
 from aadetect.config import AUTO, Architecture, TrainConfig, check_fraction
 from aadetect.errors import UserError
 from aadetect.images import ImageRef, ImagesOnDisk, choose_image_size, find_images, image_mode, load_images
@@ -94,7 +95,7 @@ def train_detector(data: str | Path, config: TrainConfig, model_dir: str | Path,
     import torch
 
     from aadetect.atomic import staged_directory, write_atomic, write_text_atomic
-    from aadetect.calibration import Measurements, robust_scale, thresholds_for_fpr
+    from aadetect.calibration import Measurements, default_thresholds
     from aadetect.density import KernelDensity
     from aadetect.devices import exact_math, resolve_device
     from aadetect.scoring import Detector, sha256_file
@@ -139,9 +140,7 @@ def train_detector(data: str | Path, config: TrainConfig, model_dir: str | Path,
         raise UserError(f"{data}: cannot fit the density ({exc})") from None
     detector = Detector(model, density, thresholds=None, error_measure=config.error, device=device)
     validation = Measurements(*detector.measure(pixels[torch.from_numpy(result.validation_indices)]))
-    scales = (robust_scale(validation.reconstruction_error), robust_scale(validation.log_density))
-    thresholds = thresholds_for_fpr(validation, scales, config.target_fpr, calibrated=False,
-                                    method=f"default: held-out good images, target FPR {config.target_fpr}")
+    thresholds = default_thresholds(validation, config.target_fpr)
 
     rejected = [refs[i].name for i in result.rejected]
     with staged_directory(model_dir) as staging:
@@ -150,7 +149,7 @@ def train_detector(data: str | Path, config: TrainConfig, model_dir: str | Path,
         (staging / VALIDATION_FILE).write_text("".join(refs[i].name + "\n" for i in result.validation_indices))
         (staging / REJECTED_FILE).write_text("".join(name + "\n" for name in rejected))
         card = ModelCard(
-            format_version=1, aadetect_version=__version__, created=now(), error_measure=config.error,
+            format_version=FORMAT_VERSION, aadetect_version=__version__, created=now(), error_measure=config.error,
             data=DataInfo(path=str(data.resolve()), image_count=len(refs), sha256=data_sha256, skipped=skipped,
                           validation_count=len(result.validation_indices), validation_file=VALIDATION_FILE,
                           rejected_count=len(rejected), rejected_file=REJECTED_FILE),
@@ -238,9 +237,8 @@ def calibrate_detector(model_dir: str | Path, good: str | Path, anomalous: str |
     detector = Detector.load(model_dir, device)
     good_set = measure_folder(detector, good, reporter, "good")
     anomalous_set = measure_folder(detector, anomalous, reporter, "anomalous") if anomalous else None
-    scales = (card.thresholds.reconstruction_scale, card.thresholds.density_scale)
     as_measurements = lambda s: Measurements(s.reconstruction_error, s.log_density) if s else None  # noqa: E731
-    result = choose_thresholds(as_measurements(good_set), as_measurements(anomalous_set), scales,
+    result = choose_thresholds(card.thresholds, as_measurements(good_set), as_measurements(anomalous_set),
                                objective=objective, target_fpr=target_fpr)
     for warning in result.warnings:
         reporter.warn(warning)

@@ -41,8 +41,14 @@ class Scores:
 
 
 def decide(reconstruction_error: np.ndarray, log_density: np.ndarray, thresholds: Thresholds) -> Scores:
-    """The OR rule. `score` is the larger threshold-normalised excess: positive exactly when the rule fires."""
-    reconstruction_excess = (reconstruction_error - thresholds.reconstruction) / thresholds.reconstruction_scale
+    """The OR rule. `score` is the larger threshold-normalised excess: positive exactly when the rule fires.
+
+    The reconstruction excess is measured in log units (errors are right-skewed), the density's
+    in log-density units; each is divided by its robust spread on held-out good images.
+    """
+    with np.errstate(divide="ignore"):  # a zero error is -inf below any threshold: never flagged by it
+        log_ratio = np.log(reconstruction_error) - np.log(thresholds.reconstruction)
+    reconstruction_excess = log_ratio / thresholds.reconstruction_scale
     density_excess = (thresholds.density - log_density) / thresholds.density_scale
     score = np.maximum(reconstruction_excess, density_excess)
     too_different = reconstruction_excess > 0
