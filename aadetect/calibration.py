@@ -16,6 +16,7 @@ OBJECTIVES = ("balanced-accuracy", "f1")
 MAX_CANDIDATES = 256  # cuts tried; keeps the search small for large calibration sets
 FEW_SAMPLES = 10
 SMALLEST_ERROR = 1e-30  # a perfect reconstruction still has a finite log error
+LOG_CAP = 700.0  # exp() of more overflows a float64
 
 
 @dataclass
@@ -37,12 +38,15 @@ class CalibrationResult:
 
 
 def robust_scale(values: np.ndarray) -> float:
-    """Spread of good images' values (scaled MAD, falling back to std), never zero."""
+    """Spread of good images' values: the scaled MAD, or the standard deviation where the MAD
+    is degenerate (duplicated images give identical values), never below a relative floor."""
     values = np.asarray(values, dtype=np.float64)
-    spread = 1.4826 * float(np.median(np.abs(values - np.median(values))))
-    if not spread > 0:
+    median = float(np.median(values))
+    floor = 1e-6 * (abs(median) + 1.0)
+    spread = 1.4826 * float(np.median(np.abs(values - median)))
+    if not spread > floor:
         spread = float(np.std(values))
-    return spread if spread > 0 else 1e-12
+    return max(spread, floor)
 
 
 def centred_thresholds(good: Measurements, method: str) -> Thresholds:
@@ -70,7 +74,8 @@ def at_height(thresholds: Thresholds, error_height: float, density_height: float
     """Thresholds set the given number of scale units above the centres."""
     return dataclasses.replace(
         thresholds, calibrated=calibrated, method=method,
-        reconstruction=thresholds.reconstruction_centre * math.exp(error_height * thresholds.reconstruction_scale),
+        reconstruction=thresholds.reconstruction_centre * math.exp(  # capped: past e^700 it never fires anyway
+            min(max(error_height * thresholds.reconstruction_scale, -LOG_CAP), LOG_CAP)),
         density=thresholds.density_centre - density_height * thresholds.density_scale)
 
 

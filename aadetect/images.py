@@ -267,11 +267,16 @@ def _collate(items: list[tuple[int, np.ndarray | None, str | None]]) -> Batch:
 
 def iterate_batches(refs: list[ImageRef], size: int, channels: int, batch_size: int,
                     workers: int | None = None, pin_memory: bool = False) -> Iterator[Batch]:
-    """Decode in order, in batches; worker processes only when there is enough work to pay for them."""
+    """Decode in order, in batches; worker processes only when there is enough work to pay for them.
+
+    On the CPU the model needs the cores too, so two workers at most; for a GPU (pinned
+    batches) decoding is the limit, so up to eight.
+    """
     from torch.utils.data import DataLoader
 
     if workers is None:
-        workers = 0 if len(refs) < 4 * batch_size else min(2, os.cpu_count() or 1)
+        most = 8 if pin_memory else 2
+        workers = 0 if len(refs) < 4 * batch_size else min(most, os.cpu_count() or 1)
     loader = DataLoader(DecodedImages(refs, size, channels), batch_size=batch_size, shuffle=False,
                         num_workers=workers, collate_fn=_collate, pin_memory=pin_memory)
     yield from loader

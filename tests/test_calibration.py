@@ -90,3 +90,15 @@ def test_few_samples_warn():
     rng = np.random.default_rng(3)
     result = choose_thresholds(UNIT, sample(rng, 4, 0, 0), sample(rng, 3, 5, -5))
     assert len(result.warnings) == 2
+
+
+@pytest.mark.parametrize("errors, densities", [(np.full(30, 0.01), np.full(30, -5.0)),
+                                               (np.exp(np.linspace(-5, 0, 30)), np.r_[np.full(20, 121.2708), [120.86] * 10]
+                                                + 1e-10 * np.linspace(0, 1, 30)),
+                                               (np.full(30, 0.01), np.linspace(-50, 0, 30))])
+def test_degenerate_held_out_images_give_usable_thresholds(errors, densities):
+    """Duplicated held-out images (no spread in one or both signals) must not overflow or give NaN."""
+    thresholds = default_thresholds(Measurements(errors, densities), 0.05)
+    values = [thresholds.reconstruction, thresholds.density, thresholds.reconstruction_scale, thresholds.density_scale]
+    assert all(math.isfinite(v) for v in values) and thresholds.reconstruction > 0
+    assert decide(errors, densities, thresholds).anomaly.mean() <= 0.05
