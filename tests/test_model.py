@@ -42,3 +42,21 @@ def test_the_decoder_rebuilds_the_input_shape(size):
     arch = Architecture.for_images(size, 3, 32)
     codes, reconstruction = AdversarialAutoencoder(arch).eval()(torch.rand(2, 3, size, size))
     assert codes.shape == (2, 32) and reconstruction.shape == (2, 3, size, size)
+
+
+def test_the_adversarial_prior_pulls_codes_towards_a_standard_gaussian():
+    """`--adversarial`: the discriminator's pressure shows in the codes' moments."""
+    from aadetect.config import TrainConfig
+    from aadetect.train import encode_all, train_autoencoder
+    from conftest import SIZE, blob_images
+
+    images = torch.from_numpy(blob_images(240, seed=21))[:, None]
+    arch = Architecture.for_images(SIZE, 1, 4)
+
+    def code_moments(adversarial: bool) -> float:
+        config = TrainConfig(epochs=15, batch_size=16, image_size=SIZE, seed=0, adversarial=adversarial, robust=False,
+                             patience=100)
+        codes, _ = encode_all(train_autoencoder(images, arch, config, "cpu").model, images, "cpu", "mse")
+        return float(codes.mean(0).abs().mean() + (codes.std(0) - 1).abs().mean())  # 0 for N(0, I)
+
+    assert code_moments(adversarial=True) < 0.5 * code_moments(adversarial=False)
