@@ -186,6 +186,18 @@ def test_default_model_dir(dataset, tmp_path, monkeypatch):
     assert missing.exit_code == 2 and "elsewhere" in missing.stderr
 
 
+def test_adversarial_option_trains_and_scores(tmp_path, dataset, model_dir):
+    out = tmp_path / "aae"
+    result = invoke("train", dataset["train"], "--out", out, "--adversarial", *TRAIN_ARGS)
+    assert result.exit_code == 0, result.stderr
+    card = ModelCard.from_yaml((out / "card.yaml").read_text())
+    assert card.training.settings["adversarial"] is True and card.training.final_losses["discriminator"] > 0
+    default = ModelCard.from_yaml((model_dir / "card.yaml").read_text())
+    assert default.training.settings["adversarial"] is False and default.training.final_losses["discriminator"] == 0
+    rows = jsonl(invoke("score", "--model", out, "--format", "jsonl", dataset["anomalous"]).stdout)
+    assert len(rows) == 12 and all(row["anomaly"] == (row["score"] > 0) for row in rows)
+
+
 def test_train_on_npz_array(tmp_path, dataset):
     array = tmp_path / "good.npz"
     np.savez(array, images=blob_images(60, seed=5))
