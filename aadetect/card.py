@@ -143,7 +143,8 @@ class ModelCard:
             raise UserError(f"{source}: not a model card (expected a mapping)")
         version = data.get("format_version")
         if version != FORMAT_VERSION:
-            raise UserError(f"{source}: unknown card format_version {version!r} (this aadetect reads {FORMAT_VERSION})")
+            raise UserError(f"{source}: unknown card format_version {version!r} (this aadetect reads "
+                            f"{FORMAT_VERSION}; retrain the model with this version)")
         card = _build(cls, data, source, "")
         card.check()
         return card
