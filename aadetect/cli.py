@@ -121,16 +121,19 @@ def train(
     batch_size: Annotated[int, typer.Option(help="Images per training step.")] = TrainConfig.batch_size,
     error: Annotated[ErrorMeasure, typer.Option(help="Reconstruction error measure (smooth-mse: of the residual "
                                                      "averaged over 3x3 pixels).")] = ErrorMeasure(TrainConfig.error),
-    seed: Annotated[int, typer.Option(help="Random seed: same seed, data and device give the same model.")] = 0,
+    seed: Annotated[int, typer.Option(help="Random seed: same seed, data and device give the same model.")
+                    ] = TrainConfig.seed,
     device: DeviceOption = "auto",
     adversarial: Annotated[bool, typer.Option(help="Match the codes to a Gaussian prior with a discriminator "
                                                    "(off by default: it weakened the latent density).")
                            ] = TrainConfig.adversarial,
     robust: Annotated[bool, typer.Option(help="Reject likely outliers in DATA during training.")
                       ] = TrainConfig.robust,
-    strict: Annotated[bool, typer.Option(help="Stop at the first unreadable file instead of skipping it.")] = False,
+    strict: Annotated[bool, typer.Option(help="Stop at the first unreadable file instead of skipping it.")
+                      ] = TrainConfig.strict,
     memory_limit_mb: Annotated[int, typer.Option(help="Keep decoded training images in memory up to this size; "
-                                                      "above it, read them from disk every epoch.")] = 4096,
+                                                      "above it, read them from disk every epoch.")
+                               ] = TrainConfig.memory_limit_mb,
     resume: Annotated[bool, typer.Option(help="Continue an interrupted run from its checkpoint.")] = False,
     list_rejected: Annotated[bool, typer.Option(help="Print the training images rejected as likely outliers "
                                                      "on stdout, one per line.")] = False,

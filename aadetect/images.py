@@ -267,19 +267,15 @@ def _collate(items: list[tuple[int, np.ndarray | None, str | None]]) -> Batch:
 
 def iterate_batches(refs: list[ImageRef], size: int, channels: int, batch_size: int,
                     workers: int | None = None, pin_memory: bool = False) -> Iterator[Batch]:
-    """Decode in order, in batches; worker processes only where they pay for themselves.
+    """Decode in order, in batches; worker processes only when there is enough work to pay for them.
 
-    On the CPU the model needs the cores too: on two cores, worker processes cost more than
-    they gave (streaming at 64-69% of the model's own speed with one or two, 71-75% decoding
-    in this process; a decoding thread gave 68%), so processes start at three cores, two at
-    most. For a GPU (pinned batches) decoding is the limit, so up to eight.
+    With nothing else running (decoding the training set), two workers; callers whose own work
+    needs the cores too pass `workers` (see `scoring.decoding_workers`).
     """
     from torch.utils.data import DataLoader
 
     if workers is None:
-        cpus = os.cpu_count() or 1
-        most = min(8, cpus) if pin_memory else (0 if cpus <= 2 else 2)
-        workers = 0 if len(refs) < 4 * batch_size else most
+        workers = 0 if len(refs) < 4 * batch_size else min(2, os.cpu_count() or 1)
     yield from DataLoader(DecodedImages(refs, size, channels), batch_size=batch_size, shuffle=False,
                           num_workers=workers, collate_fn=_collate, pin_memory=pin_memory)
 
