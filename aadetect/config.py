@@ -24,7 +24,7 @@ class TrainConfig:
     learning_rate: float = 1e-3
     adversarial: bool = False  # the Gaussian prior made the latent density a weaker signal (benchmarks/RESULTS.md)
     robust: bool = True
-    reject_z: float = 3.5
+    reject_z: float = 3.0
     validation_fraction: float = 0.1
     patience: int = 8
     target_fpr: float = 0.05

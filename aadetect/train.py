@@ -2,9 +2,11 @@
 phase, each step; robust to outliers.
 
 Robust training follows Beggel et al. (ECML-PKDD 2019): after a warm-up, images whose
-reconstruction error or code position is far out of line with the rest are rejected
-(weight 0) from the reconstruction and prior-matching losses, re-judged every epoch; so
-the model is never pulled to rebuild them well or to place them among the good codes.
+reconstruction error is far out of line with the rest, or whose code has few close
+neighbours among the codes of the images kept so far, are rejected (weight 0) from the
+reconstruction and prior-matching losses, re-judged every epoch; so the model is never
+pulled to rebuild them well or to place them among the good codes, and the KDE is fitted
+without them.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from aadetect.config import Architecture, TrainConfig
 from aadetect.model import AdversarialAutoencoder, reconstruction_error, to_input
 
 EVAL_BATCH = 256
+NEIGHBOURS = 10  # the robust rule's neighbourhood: larger than a few duplicates, far smaller than a class
+FINAL_PASSES = 3  # re-judgements of the final model, each against the images the last one kept
 
 
 @dataclass
@@ -60,18 +64,46 @@ def encode_all(model: AdversarialAutoencoder, images: torch.Tensor, device: str,
     return torch.cat(codes), torch.cat(errors)
 
 
-def find_outliers(model, images: torch.Tensor, device: str, measure: str, reject_z: float) -> torch.Tensor:
-    """Images far out of line in reconstruction error or in how far their code lies from the others.
+def neighbour_distance(codes: torch.Tensor, reference: torch.Tensor, k: int = NEIGHBOURS) -> torch.Tensor:
+    """Distance from each code to its k-th nearest reference code (itself not counted), after whitening.
 
-    The code distance is measured from the codes' median in units of each dimension's spread, so it
-    works with or without the Gaussian prior. Both measures are positive and right-skewed, so they
-    are judged on a log scale; otherwise the long natural tail of good images would be rejected too.
+    Whitening with the reference codes' covariance makes the distance blind to how the encoder
+    happens to scale and correlate its dimensions. A hidden bad image has few close neighbours
+    among the good codes: even a small cluster of similar bad images is much sparser than the good
+    ones. This is the local density the KDE will see, measured at a scale of k images, so that
+    one near duplicate is not enough to look normal.
+    """
+    codes = codes.double()
+    reference_codes = codes[reference]
+    k = max(1, min(k, len(reference_codes) - 1))
+    covariance = torch.cov(reference_codes.T).reshape(codes.shape[1], codes.shape[1])
+    ridge = covariance.diagonal().mean().clamp_min(1e-12) * 1e-6  # a dead code dimension must not fail
+    factor = torch.linalg.cholesky(covariance + ridge * torch.eye(len(covariance), dtype=covariance.dtype))
+    whitened = torch.linalg.solve_triangular(factor, (codes - reference_codes.mean(0)).T, upper=False).T
+    whitened_reference = whitened[reference]
+    in_reference = reference.clone()
+    distances = []
+    for start in range(0, len(codes), EVAL_BATCH):
+        nearest = torch.cdist(whitened[start:start + EVAL_BATCH], whitened_reference).topk(
+            k + 1, dim=1, largest=False).values
+        own = in_reference[start:start + EVAL_BATCH]  # its nearest reference code is itself
+        distances.append(torch.where(own, nearest[:, k], nearest[:, k - 1]))
+    return torch.cat(distances)
+
+
+def find_outliers(model, images: torch.Tensor, device: str, measure: str, reject_z: float,
+                  kept: torch.Tensor | None = None) -> torch.Tensor:
+    """Images far out of line in reconstruction error or in how sparse their codes' neighbourhood is.
+
+    Neighbours are looked for among the images kept so far (all, at first), so judging again
+    peels off a cluster of bad images layer by layer. Both measures are positive and right-skewed,
+    so they are judged on a log scale; otherwise the long natural tail of good images would be
+    rejected too.
     """
     codes, errors = encode_all(model, images, device, measure)
-    centre = codes.median(0).values
-    spread = (codes - centre).abs().median(0).values.clamp_min(1e-12)
-    code_distance = ((codes - centre) / spread).square().sum(1)
-    log_error, log_distance = errors.clamp_min(1e-12).log(), code_distance.clamp_min(1e-12).log()
+    kept = torch.ones(len(codes), dtype=torch.bool) if kept is None else kept
+    log_error = errors.double().clamp_min(1e-12).log()
+    log_distance = neighbour_distance(codes, kept).clamp_min(1e-12).log()
     return torch.maximum(robust_z(log_error), robust_z(log_distance)) > reject_z
 
 
@@ -170,7 +202,7 @@ def train_autoencoder(images: torch.Tensor, arch: Architecture, config: TrainCon
         _, validation_errors = encode_all(model, validation_images, device, loss_measure)
         validation_loss = float(validation_errors.mean())
         if config.robust and epoch + 1 >= warmup:
-            outliers = find_outliers(model, train_images, device, loss_measure, config.reject_z)
+            outliers = find_outliers(model, train_images, device, loss_measure, config.reject_z, kept=weights > 0)
             weights = (~outliers).float()
         record = {name: total.item() / max(steps, 1) for name, total in totals.items()}  # one sync per epoch
         record.update(epoch=epoch + 1, validation=validation_loss, rejected=int((weights == 0).sum()))
@@ -190,8 +222,13 @@ def train_autoencoder(images: torch.Tensor, arch: Architecture, config: TrainCon
     if state["best_model"] is not None:
         model.load_state_dict(state["best_model"])
     model.eval()
-    outliers = (find_outliers(model, train_images, device, loss_measure, config.reject_z) if config.robust
-                else torch.zeros(len(train_images), dtype=torch.bool))
+    outliers = weights == 0
+    if config.robust:
+        for _ in range(FINAL_PASSES):
+            judged = find_outliers(model, train_images, device, loss_measure, config.reject_z, kept=~outliers)
+            if torch.equal(judged, outliers):
+                break
+            outliers = judged
     rejected = train_indices[outliers]
     return TrainResult(model=model, train_indices=train_indices.numpy(),
                        validation_indices=validation_indices.numpy(), rejected=rejected.numpy(),

@@ -34,3 +34,22 @@ def test_without_robust_nothing_is_rejected():
     config = TrainConfig(epochs=3, image_size=SIZE, seed=0, robust=False)
     result = train_autoencoder(images, Architecture.for_images(SIZE, 1, 8), config, "cpu")
     assert len(result.rejected) == 0 and result.history[-1]["rejected"] == 0
+
+
+def test_neighbour_distance_counts_k_others_and_only_kept_ones():
+    from aadetect.train import NEIGHBOURS, neighbour_distance
+
+    rng = np.random.default_rng(3)
+    cloud = rng.normal(size=(400, 8))
+    crowd = np.tile(np.full(8, 12.0), (NEIGHBOURS + 1, 1))  # each has exactly NEIGHBOURS identical others
+    too_few = np.tile(np.full(8, -12.0), (NEIGHBOURS, 1))  # one identical other short
+    codes = torch.from_numpy(np.concatenate([cloud, crowd, too_few]))
+    everyone = torch.ones(len(codes), dtype=torch.bool)
+    distance = neighbour_distance(codes, everyone)
+    crowd_rows = slice(400, 400 + NEIGHBOURS + 1)
+    assert torch.all(distance[crowd_rows] == 0)  # itself is not its own neighbour, the others are
+    assert distance[400 + NEIGHBOURS + 1:].min() > distance[:400].max()  # must reach into the cloud
+
+    kept = everyone.clone()
+    kept[400:402] = False  # once two of the crowd are left out, the rest no longer have enough close neighbours
+    assert distance[:400].max() < neighbour_distance(codes, kept)[402:400 + NEIGHBOURS + 1].min()
