@@ -25,6 +25,8 @@ from aadetect.model import AdversarialAutoencoder, reconstruction_error, to_inpu
 
 EVAL_BATCH = 256
 NEIGHBOURS = 10  # the robust rule's neighbourhood: larger than a few duplicates, far smaller than a class
+MAX_REFERENCE = 10_000  # codes the neighbours are looked for among, at most
+NEIGHBOUR_CHUNK = 1024
 FINAL_PASSES = 3  # re-judgements of the final model, each against the images the last one kept
 
 
@@ -71,24 +73,32 @@ def neighbour_distance(codes: torch.Tensor, reference: torch.Tensor, k: int = NE
     happens to scale and correlate its dimensions. A hidden bad image has few close neighbours
     among the good codes: even a small cluster of similar bad images is much sparser than the good
     ones. This is the local density the KDE will see, measured at a scale of k images, so that
-    one near duplicate is not enough to look normal.
+    one near duplicate is not enough to look normal. Large sets are compared with an evenly
+    spread subset of the reference, so the cost per epoch stays linear in the number of images.
     """
-    codes = codes.double()
-    reference_codes = codes[reference]
-    k = max(1, min(k, len(reference_codes) - 1))
+    positions = reference.nonzero().flatten()
+    if len(positions) > MAX_REFERENCE:
+        positions = positions[torch.linspace(0, len(positions) - 1, MAX_REFERENCE).long()]
+    in_reference = torch.zeros(len(codes), dtype=torch.bool)
+    in_reference[positions] = True
+    k = max(1, min(k, len(positions) - 1))
+    reference_codes = codes[positions].double()
     covariance = torch.cov(reference_codes.T).reshape(codes.shape[1], codes.shape[1])
     ridge = covariance.diagonal().mean().clamp_min(1e-12) * 1e-6  # a dead code dimension must not fail
     factor = torch.linalg.cholesky(covariance + ridge * torch.eye(len(covariance), dtype=covariance.dtype))
-    whitened = torch.linalg.solve_triangular(factor, (codes - reference_codes.mean(0)).T, upper=False).T
-    whitened_reference = whitened[reference]
-    in_reference = reference.clone()
+    whitened = torch.linalg.solve_triangular(factor, (codes.double() - reference_codes.mean(0)).T,
+                                             upper=False).T.float()
+    whitened_reference = whitened[positions]
+    reference_norms = whitened_reference.square().sum(1)
     distances = []
-    for start in range(0, len(codes), EVAL_BATCH):
-        nearest = torch.cdist(whitened[start:start + EVAL_BATCH], whitened_reference).topk(
-            k + 1, dim=1, largest=False).values
-        own = in_reference[start:start + EVAL_BATCH]  # its nearest reference code is itself
+    for start in range(0, len(codes), NEIGHBOUR_CHUNK):  # |a - b|^2 = |a|^2 - 2 a.b + |b|^2, a block at a time
+        block = whitened[start:start + NEIGHBOUR_CHUNK]
+        squared = torch.addmm(reference_norms[None, :], block, whitened_reference.T, alpha=-2)
+        squared += block.square().sum(1, keepdim=True)
+        nearest = squared.topk(k + 1, dim=1, largest=False).values
+        own = in_reference[start:start + NEIGHBOUR_CHUNK]  # its nearest reference code is itself
         distances.append(torch.where(own, nearest[:, k], nearest[:, k - 1]))
-    return torch.cat(distances)
+    return torch.cat(distances).clamp_min(0).sqrt()
 
 
 def find_outliers(model, images: torch.Tensor, device: str, measure: str, reject_z: float,
