@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from aadetect.config import Architecture, TrainConfig
@@ -10,16 +11,27 @@ from aadetect.train import train_autoencoder
 from conftest import SIZE, blob_images
 
 
-def contaminated_set(outliers: int = 8):
+def bar_images(count: int, seed: int) -> np.ndarray:
+    """A second kind of image, alike among themselves: a cluster the autoencoder could learn to rebuild."""
+    rng = np.random.default_rng(seed)
+    images = np.full((count, SIZE, SIZE), 40.0) + rng.normal(0, 4, size=(count, SIZE, SIZE))
+    for image, row in zip(images, rng.integers(6, 10, size=count)):
+        image[row:row + 3, 2:14] += 150
+    return np.clip(images, 0, 255).astype(np.uint8)
+
+
+def contaminated_set(outliers: int = 8, kind: str = "noise"):
     good = blob_images(240, seed=11)
-    noise = np.random.default_rng(12).integers(0, 256, size=(outliers, SIZE, SIZE), dtype=np.uint8)
-    images = torch.from_numpy(np.concatenate([good, noise]))[:, None]
+    planted = (np.random.default_rng(12).integers(0, 256, size=(outliers, SIZE, SIZE), dtype=np.uint8)
+               if kind == "noise" else bar_images(outliers, seed=5))
+    images = torch.from_numpy(np.concatenate([good, planted]))[:, None]
     return images, np.arange(len(good), len(good) + outliers)
 
 
-def test_planted_outliers_are_rejected_and_clean_images_kept():
-    images, planted = contaminated_set()
-    config = TrainConfig(epochs=6, image_size=SIZE, seed=0, patience=100)
+@pytest.mark.parametrize("outliers, kind", [(8, "noise"), (14, "bars")])
+def test_planted_outliers_are_rejected_and_clean_images_kept(outliers, kind):
+    images, planted = contaminated_set(outliers, kind)
+    config = TrainConfig(epochs=8, image_size=SIZE, seed=0, patience=100)
     result = train_autoencoder(images, Architecture.for_images(SIZE, 1, 8), config, "cpu")
     planted_in_training = np.intersect1d(planted, result.train_indices)
     assert len(planted_in_training) >= 5
