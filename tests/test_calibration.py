@@ -45,6 +45,26 @@ def test_ties_go_to_balanced_cuts_in_the_middle_of_the_gap():
     assert result.thresholds.density == pytest.approx(-5.5)
 
 
+def test_both_cuts_are_placed_where_the_samples_show_a_gap():
+    """Heights from the MNIST 0-vs-2 benchmark (1% contamination); either signal separates the samples.
+
+    Counted, the density cut alone already catches all ten anomalies, so the reconstruction cut
+    was free and went past every sample (4.9), and later anomalies with a lower density were
+    missed. As expected values, each cut earns its place: both sit inside their gaps.
+    """
+    good_error = np.array([-1.15, -0.61, -0.22, 0.09, 0.42, 0.61, 0.79, 0.99, 1.01, 1.11])
+    good_density = np.array([-1.2, -1.0, 0.1, 0.29, 0.39, 0.57, 1.27, 2.14, 2.4, 6.79])
+    anomalous_error = np.array([2.83, 3.16, 3.19, 3.34, 3.51, 3.56, 3.57, 3.64, 3.82, 3.92])
+    anomalous_density = np.array([8.24, 8.7, 9.52, 9.72, 10.85, 10.93, 10.94, 11.57, 12.12, 20.39])
+    good, anomalous = (Measurements(np.exp(error), -density) for error, density in
+                       ((good_error, good_density), (anomalous_error, anomalous_density)))
+    result = choose_thresholds(UNIT, good, anomalous)
+    assert result.metrics["balanced_accuracy"] == 1.0
+    assert 1.11 < math.log(result.thresholds.reconstruction) < 2.83
+    assert 6.79 < -result.thresholds.density < 8.24
+    assert set(decide(anomalous.reconstruction_error, anomalous.log_density, result.thresholds).reason) == {"both"}
+
+
 def test_a_useless_signal_is_pushed_out():
     """Density says nothing here: a cut on it would only add false alarms, so it goes past every sample."""
     rng = np.random.default_rng(4)
