@@ -102,16 +102,15 @@ def neighbour_distance(codes: torch.Tensor, reference: torch.Tensor, k: int = NE
 
 
 def find_outliers(model, images: torch.Tensor, device: str, measure: str, reject_z: float,
-                  kept: torch.Tensor | None = None) -> torch.Tensor:
+                  kept: torch.Tensor) -> torch.Tensor:
     """Images far out of line in reconstruction error or in how sparse their codes' neighbourhood is.
 
-    Neighbours are looked for among the images kept so far (all, at first), so judging again
+    Neighbours are looked for among the images kept so far (`kept`; all, at first), so judging again
     peels off a cluster of bad images layer by layer. Both measures are positive and right-skewed,
     so they are judged on a log scale; otherwise the long natural tail of good images would be
     rejected too.
     """
     codes, errors = encode_all(model, images, device, measure)
-    kept = torch.ones(len(codes), dtype=torch.bool) if kept is None else kept
     log_error = errors.double().clamp_min(1e-12).log()
     log_distance = neighbour_distance(codes, kept).clamp_min(1e-12).log()
     return torch.maximum(robust_z(log_error), robust_z(log_distance)) > reject_z
