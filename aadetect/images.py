@@ -152,13 +152,9 @@ def _open(ref: ImageRef):
 
     path = ref.path
     try:
-        if path.stat().st_size == 0:
-            raise UserError(f"{ref.name}: empty file")
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(path)
-    except UserError:
-        raise
     except FileNotFoundError:
         raise UserError(f"{ref.name}: no such file") from None
     except PermissionError:
@@ -166,6 +162,8 @@ def _open(ref: ImageRef):
     except IsADirectoryError:
         raise UserError(f"{ref.name}: is a folder, not an image") from None
     except UnidentifiedImageError:
+        if _is_empty(path):  # asked only on failure: a stat per image costs streaming throughput
+            raise UserError(f"{ref.name}: empty file") from None
         raise UserError(f"{ref.name}: not a recognised image (corrupt, or not an image at all)") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise UserError(f"{ref.name}: image too large (over {MAX_PIXELS:,} pixels)") from None
@@ -177,10 +175,19 @@ def _open(ref: ImageRef):
     return image
 
 
+def _is_empty(path: Path) -> bool:
+    try:
+        return path.stat().st_size == 0
+    except OSError:
+        return False
+
+
 def _upright(image):
+    """Apply the EXIF orientation in place: most images have none, and a copy of each costs time."""
     from PIL import ImageOps
 
-    return ImageOps.exif_transpose(image) or image
+    ImageOps.exif_transpose(image, in_place=True)
+    return image
 
 
 def _finish(image, size: int, channels: int) -> np.ndarray:
@@ -189,7 +196,9 @@ def _finish(image, size: int, channels: int) -> np.ndarray:
 
     if image.mode.startswith("I") or image.mode == "F":
         image = Image.fromarray(array_to_uint8(np.asarray(image)))
-    image = image.convert("L" if channels == 1 else "RGB")
+    mode = "L" if channels == 1 else "RGB"
+    if image.mode != mode:  # converting to its own mode would only copy
+        image = image.convert(mode)
     if image.size != (size, size):
         image = image.resize((size, size), Image.Resampling.BILINEAR)
     pixels = np.asarray(image, dtype=np.uint8)
