@@ -71,5 +71,9 @@ def replace_directory(source: Path, target: Path) -> None:
         return
     retired = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
     os.rename(target, retired)
-    os.rename(source, target)
+    try:
+        os.rename(source, target)
+    except BaseException:
+        os.rename(retired, target)  # the old folder goes back: nothing is lost
+        raise
     shutil.rmtree(retired, ignore_errors=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import os
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -46,11 +47,16 @@ def check_output_dir(model_dir: Path) -> None:
         raise UserError(f"{model_dir}: exists and is not an aadetect model folder; choose another --out")
 
 
-def fingerprint(refs: list[ImageRef]) -> str:
-    """sha256 over the sorted file names and contents: says exactly which data a model saw."""
+def fingerprint(refs: list[ImageRef], root: Path) -> str:
+    """sha256 over the sorted file names and contents: says exactly which data a model saw.
+
+    Names are taken relative to `root`, so the same folder gives the same fingerprint however its
+    path is spelled (and `--resume` accepts it).
+    """
     digest = hashlib.sha256()
+    base = root if root.is_dir() else root.parent
     for path in sorted({ref.path for ref in refs}):
-        digest.update(str(path).encode("utf-8", "surrogateescape") + b"\0")
+        digest.update(str(path.relative_to(base)).encode("utf-8", "surrogateescape") + b"\0")
         digest.update(hashlib.sha256(path.read_bytes()).digest())
     return digest.hexdigest()
 
@@ -104,13 +110,13 @@ def train_detector(data: str | Path, config: TrainConfig, model_dir: str | Path,
     reporter = reporter or Reporter()
     config.validate()
     device = resolve_device(config.device)
-    data, model_dir = Path(data), Path(model_dir)
+    data, model_dir = Path(data), Path(os.path.abspath(model_dir))  # "." or "x/.." has no name to stage beside
     check_output_dir(model_dir)
     started = time.perf_counter()
     torch.set_flush_denormal(True)
 
     pixels, refs, skipped, size, channels = read_training_images(data, config, reporter)
-    data_sha256 = fingerprint(refs)
+    data_sha256 = fingerprint(refs, data)
     arch = Architecture.for_images(size, channels, config.latent_dim)
     checkpoint_file = checkpoint_path(model_dir)
     identity = {"settings": dataclasses.asdict(config), "data_sha256": data_sha256, "device": device}
@@ -173,16 +179,17 @@ def train_detector(data: str | Path, config: TrainConfig, model_dir: str | Path,
 
 
 def _read_checkpoint(path: Path, identity: dict) -> dict:
-    import pickle
-
     import torch
 
     if not path.exists():
         raise UserError(f"{path}: no checkpoint to resume from")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, OSError, EOFError) as exc:
-        raise UserError(f"{path}: cannot read checkpoint ({str(exc).splitlines()[0][:160]})") from None
+    except Exception as exc:  # torch raises many types for damaged files
+        reason = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+        raise UserError(f"{path}: cannot read checkpoint ({reason})") from None
+    if not isinstance(state, dict):
+        raise UserError(f"{path}: not an aadetect checkpoint")
     if state.get("identity") != identity:
         raise UserError(f"{path}: checkpoint is from other data or settings; start afresh without --resume")
     return state

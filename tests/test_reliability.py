@@ -231,9 +231,48 @@ def test_resume_refuses_other_settings(dataset, tmp_path):
     checkpoint = tmp_path / "m.checkpoint.pt"
     assert run_cli("train", dataset["train"], "--out", out, *TRAIN_ARGS).returncode == 0
     assert_one_line_error(invoke("train", dataset["train"], "--out", out, "--resume", *TRAIN_ARGS), "no checkpoint")
-    checkpoint.write_bytes(b"garbage")
+    for damaged in (b"garbage", b""):
+        checkpoint.write_bytes(damaged)
+        assert_one_line_error(invoke("train", dataset["train"], "--out", out, "--resume", *TRAIN_ARGS),
+                              "cannot read checkpoint")
+    import torch
+
+    torch.save(torch.zeros(2), checkpoint)  # a valid tensor file, but not a checkpoint
     assert_one_line_error(invoke("train", dataset["train"], "--out", out, "--resume", *TRAIN_ARGS),
-                          "cannot read checkpoint")
+                          "not an aadetect checkpoint")
+
+
+def test_data_fingerprint_does_not_depend_on_how_the_path_is_spelled(dataset, monkeypatch):
+    from aadetect.images import find_images
+    from aadetect.pipeline import fingerprint
+
+    absolute = dataset["train"].resolve()
+    monkeypatch.chdir(absolute.parent)
+    relative = Path(absolute.name)
+    assert fingerprint(find_images(relative), relative) == fingerprint(find_images(absolute), absolute)
+    assert fingerprint(find_images(absolute), absolute) != fingerprint(find_images(dataset["good"]), dataset["good"])
+
+
+def test_a_failed_final_rename_puts_the_old_model_back(tmp_path, monkeypatch):
+    from aadetect import atomic
+
+    old, new = tmp_path / "model", tmp_path / "staging"
+    old.mkdir()
+    (old / "card.yaml").write_text("old")
+    new.mkdir()
+    (new / "card.yaml").write_text("new")
+    real_rename = os.rename
+
+    def rename(source, target):
+        if Path(source) == new:
+            raise OSError(28, "No space left on device")
+        real_rename(source, target)
+
+    monkeypatch.setattr(atomic.os, "rename", rename)
+    with pytest.raises(OSError):
+        atomic.replace_directory(new, old)
+    assert (old / "card.yaml").read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
 # ---- concurrency ----------------------------------------------------------------------------------------------
