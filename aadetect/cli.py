@@ -271,7 +271,7 @@ def read_paths(paths: list[str], null: bool) -> list[str]:
             result.append(path)
             continue
         text = sys.stdin.buffer.read().decode("utf-8", "surrogateescape")
-        lines = text.split("\0") if null else text.splitlines()
+        lines = text.split("\0") if null else [line.removesuffix("\r") for line in text.split("\n")]
         result.extend(line for line in lines if line.strip())
     if not result:
         raise UserError("no images to score (give paths, or '-' with paths on stdin)")
@@ -306,13 +306,14 @@ class RowWriter:
         if self.format != ScoreFormat.table:
             return
         from rich.table import Table
+        from rich.text import Text
 
         table = Table(*SCORE_FIELDS[:-1])
-        for row in self.rows:
+        for row in self.rows:  # Text, not str: paths are data, never markup
             if row["error"]:
-                table.add_row(row["path"], "", "", "", "", f"[red]{row['error']}[/red]")
+                table.add_row(Text(row["path"]), "", "", "", "", Text(row["error"], style="red"))
             else:
-                table.add_row(row["path"], f"{row['reconstruction_error']:.6g}", f"{row['log_density']:.6g}",
+                table.add_row(Text(row["path"]), f"{row['reconstruction_error']:.6g}", f"{row['log_density']:.6g}",
                               f"{row['score']:.4g}", "yes" if row["anomaly"] else "no", row["reason"])
         stdout_console().print(table)
 
@@ -326,10 +327,11 @@ def stdout_console():
 
 def print_table(title: str, items) -> None:
     from rich.table import Table
+    from rich.text import Text
 
     table = Table("metric", "value", title=title)
     for name, value in items:
-        table.add_row(str(name), f"{value:.6g}" if isinstance(value, float) else str(value))
+        table.add_row(str(name), f"{value:.6g}" if isinstance(value, float) else Text(str(value)))
     stdout_console().print(table)
 
 

@@ -56,7 +56,11 @@ class ConsoleReporter(Reporter):
             yield advance
 
     def warn(self, message: str) -> None:
-        self.console.print(f"[yellow]warning:[/yellow] {message}", markup=True, highlight=False, soft_wrap=True)
+        from rich.markup import escape
+
+        # paths are user data: a file named "[/x].png" must print as itself, not as markup
+        self.console.print(f"[yellow]warning:[/yellow] {escape(message)}", markup=True, highlight=False,
+                           soft_wrap=True)
 
     def info(self, message: str) -> None:
         if not self.quiet:

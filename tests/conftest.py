@@ -73,4 +73,4 @@ def model_dir(dataset, tmp_path_factory) -> Path:
 
 
 def jsonl(text: str) -> list[dict]:
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
+    return [json.loads(line) for line in text.split("\n") if line.strip()]  # JSON may hold U+2028

@@ -110,6 +110,39 @@ def test_stdin_paths_with_spaces_unicode_and_newlines(model_dir, dataset, tmp_pa
     assert len({r["score"] for r in rows}) == 1 and rows[0]["error"] is None
 
 
+def test_file_names_are_printed_as_they_are_never_as_markup(model_dir, dataset, tmp_path):
+    import shutil
+
+    folder = tmp_path / "a["  # with the file below, the path holds "[/bad]": a closing tag to rich
+    folder.mkdir()
+    shutil.copy(sorted(dataset["good"].iterdir())[0], folder / "[bold]y.png")
+    (folder / "bad].png").write_text("not an image")
+    table = invoke("score", "--model", model_dir, folder)
+    assert table.exit_code == 2
+    assert str(folder / "[bold]y.png") in table.stdout and str(folder / "bad].png") in table.stdout
+    report = invoke("evaluate", "--model", model_dir, "--good", folder, "--anomalous", dataset["anomalous"],
+                    "--format", "json")
+    assert report.exit_code == 0 and str(folder / "bad].png") in report.stderr
+
+
+def test_stdin_lines_are_split_at_newlines_only(model_dir, dataset, tmp_path):
+    import shutil
+
+    name = tmp_path / "file\u2028with\x1cseparators.png"
+    shutil.copy(sorted(dataset["good"].iterdir())[0], name)
+    result = invoke("score", "--model", model_dir, "--format", "jsonl", "-", input=f"{name}\r\n")
+    assert [r["path"] for r in jsonl(result.stdout)] == [str(name)]
+
+
+def test_train_into_the_current_folder(dataset, tmp_path, monkeypatch):
+    here = tmp_path / "empty"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    result = invoke("train", dataset["train"], "--out", ".", *TRAIN_ARGS)
+    assert result.exit_code == 0, result.stderr
+    assert (tmp_path / "empty" / "card.yaml").is_file()
+
+
 def test_score_table_is_on_stdout(model_dir, dataset):
     result = invoke("score", "--model", model_dir, dataset["good"])
     assert "reconstruction_error" in result.stdout
