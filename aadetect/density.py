@@ -39,8 +39,6 @@ QUERY_TILE = 64  # queries x CODE_TILE float64 tiles (1 MiB) stay in cache betwe
 CODE_TILE = 2048
 EXP_FLOOR = -700.0  # exp() below this is 0 in float64 anyway, and slow on some CPUs
 UNDERFLOW = 1e-200  # a direct sum this small is redone with a max-shifted logsumexp
-_MIN_CORRELATION_EIGENVALUE = 1e-12
-_MIN_RELATIVE_SPREAD = 1e-9
 
 
 @contextmanager
