@@ -101,20 +101,38 @@ def _read_array(path: Path) -> np.ndarray:
         raise UserError(f"{path}: unsupported dtype {array.dtype} (use uint8, or floats in [0, 1])")
     if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
         raise UserError(f"{path}: contains NaN or infinite values")
+    problem = out_of_range(array)
+    if problem:
+        raise UserError(f"{path}: {problem}")
     _ARRAY_CACHE[path] = array
     return array
 
 
-def array_to_uint8(array: np.ndarray) -> np.ndarray:
-    """uint8 pixels from any numeric image array: floats in [0,1] or [0,255], 16-bit, bool."""
-    if array.dtype == np.uint8:
-        return array
-    values = np.asarray(array, dtype=np.float64)
-    if array.dtype == np.bool_ or (np.issubdtype(array.dtype, np.floating) and values.max(initial=0) <= 1.0):
-        values = values * 255.0
-    elif values.max(initial=0) > 255:
-        values = values / 257.0  # 16-bit range
-    return np.clip(np.rint(values), 0, 255).astype(np.uint8)
+def out_of_range(values: np.ndarray) -> str | None:
+    """Why these pixel values cannot be read by `to_uint8`'s fixed rule, if they cannot."""
+    if values.dtype in (np.uint8, np.uint16, np.bool_) or values.size == 0:
+        return None
+    low, high = float(values.min()), float(values.max())
+    if np.issubdtype(values.dtype, np.floating) and (low < 0.0 or high > 1.0):
+        return f"float pixels must lie in [0, 1], these span {low:.4g} to {high:.4g}"
+    if np.issubdtype(values.dtype, np.integer) and (low < 0 or high > 255):
+        return (f"{values.dtype} pixels must lie in 0-255 (or be uint16 for 16-bit images), "
+                f"these span {low:.0f} to {high:.0f}")
+    return None
+
+
+def to_uint8(values: np.ndarray) -> np.ndarray:
+    """uint8 pixels by a fixed rule per type: uint8 as they are, uint16 / 257, floats x 255 (from
+    [0, 1]), other integers as they are (0-255), bool 0 or 255.
+
+    Never by an image's own brightest pixel: the same scene must decode alike in training and
+    scoring, whatever else is in the picture. `out_of_range` says which values do not fit.
+    """
+    if values.dtype == np.uint8:
+        return values
+    scale = {np.dtype(np.uint16): 1 / 257, np.dtype(np.bool_): 255.0}.get(
+        values.dtype, 255.0 if np.issubdtype(values.dtype, np.floating) else 1.0)
+    return np.clip(np.rint(np.asarray(values, dtype=np.float64) * scale), 0, 255).astype(np.uint8)
 
 
 def image_mode(ref: ImageRef) -> tuple[int, int, int]:
@@ -132,7 +150,7 @@ def decode(ref: ImageRef, size: int, channels: int) -> np.ndarray:
     from PIL import Image
 
     if ref.index is not None:
-        pixels = array_to_uint8(np.asarray(_read_array(ref.path)[ref.index]))
+        pixels = to_uint8(np.asarray(_read_array(ref.path)[ref.index]))
         if pixels.ndim == 3 and pixels.shape[-1] == 1:
             pixels = pixels[..., 0]
         image = Image.fromarray(np.ascontiguousarray(pixels[..., :3]) if pixels.ndim == 3 else pixels)
@@ -195,7 +213,13 @@ def _finish(image, size: int, channels: int) -> np.ndarray:
     from PIL import Image
 
     if image.mode.startswith("I") or image.mode == "F":
-        image = Image.fromarray(array_to_uint8(np.asarray(image)))
+        values = np.asarray(image)
+        if image.mode == "I":  # Pillow before 11 opens 16-bit PNGs as 32-bit "I"
+            values = values.clip(0, 65535).astype(np.uint16)
+        problem = out_of_range(values)
+        if problem:
+            raise ValueError(problem)
+        image = Image.fromarray(to_uint8(values))
     mode = "L" if channels == 1 else "RGB"
     if image.mode != mode:  # converting to its own mode would only copy
         image = image.convert(mode)

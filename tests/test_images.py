@@ -39,6 +39,37 @@ def test_sixteen_bit_grayscale_is_scaled(tmp_path):
     assert np.abs(decode(ImageRef(path), 16, 1).astype(int) - decode(ImageRef(eight_bit), 16, 1)).max() <= 1
 
 
+def test_deep_pixels_scale_by_type_never_by_the_brightest_pixel(tmp_path):
+    """A pixel decodes alike whatever else is in the picture (training and scoring images differ)."""
+    dark = np.full((8, 8), 20_000, np.uint16)  # 16-bit: 20,000 / 257 is 78 in 8 bits
+    dark[1, 1] = 200
+    bright = dark.copy()
+    bright[0, 0] = 65535
+    for name, pixels in (("dark", dark), ("bright", bright)):
+        Image.fromarray(pixels).save(tmp_path / f"{name}.png")
+        np.save(tmp_path / f"{name}.npy", pixels[None])
+        np.save(tmp_path / f"{name}-dim.npy", np.minimum(pixels, 200 if name == "dark" else 300)[None])
+    for stem, suffix in (("", ".png"), ("", ".npy"), ("-dim", ".npy")):
+        refs = [find_images(tmp_path / f"{name}{stem}{suffix}")[0] for name in ("dark", "bright")]
+        dark_pixels, bright_pixels = (decode(ref, 8, 1)[0] for ref in refs)
+        assert dark_pixels[1, 1] == bright_pixels[1, 1] == 1, stem + suffix  # 200 / 257
+        assert dark_pixels[4, 4] == bright_pixels[4, 4] == (78 if not stem else 1), stem + suffix
+
+    floats = np.full((2, 8, 8), 0.5)
+    floats[1, 0, 0] = 1.0
+    np.save(tmp_path / "floats.npy", floats)
+    np.save(tmp_path / "ints.npy", np.full((1, 8, 8), 128, np.int64))
+    assert {decode(ref, 8, 1)[0, 4, 4] for ref in find_images(tmp_path / "floats.npy")} == {128}
+    assert decode(find_images(tmp_path / "ints.npy")[0], 8, 1)[0, 4, 4] == 128
+
+
+def test_float_image_files_out_of_range_are_refused(tmp_path):
+    path = tmp_path / "hdr.tif"
+    Image.fromarray(np.full((8, 8), 3.5, np.float32)).save(path)
+    with pytest.raises(UserError, match=r"hdr.tif: cannot decode image \(float pixels must lie in \[0, 1\]"):
+        decode(ImageRef(path), 8, 1)
+
+
 def test_palette_rgba_and_cmyk_become_rgb(tmp_path):
     rgb = Image.fromarray(np.stack([gradient(), 255 - gradient(), gradient() // 2], -1))
     expected = decode_saved(tmp_path / "rgb.png", rgb)
@@ -165,6 +196,9 @@ def test_paths_that_hold_no_images(tmp_path, files, target, reason):
     (np.full((4, 8, 8), np.nan), "NaN or infinite"),
     (np.full((4, 8, 8), np.inf, np.float32), "NaN or infinite"),
     (np.zeros((4, 8, 8), np.complex64), "unsupported dtype"),
+    (np.full((4, 8, 8), 200.0), r"float pixels must lie in \[0, 1\], these span 200 to 200"),
+    (np.full((4, 8, 8), 300, np.int64), "int64 pixels must lie in 0-255"),
+    (np.full((4, 8, 8), -1, np.int8), "int8 pixels must lie in 0-255"),
 ])
 def test_bad_arrays(tmp_path, array, reason):
     for suffix in (".npy", ".npz"):
