@@ -357,4 +357,8 @@ def print_report(report: dict, format: ReportFormat) -> None:
 
 
 def main() -> None:
+    # A file name that is not valid UTF-8 (Linux allows any bytes) is printed as the bytes it is,
+    # so it can be piped back in, instead of failing on a strict output encoding.
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(errors="surrogateescape")
     app()

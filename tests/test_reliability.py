@@ -242,6 +242,19 @@ def test_resume_refuses_other_settings(dataset, tmp_path):
                           "not an aadetect checkpoint")
 
 
+def test_file_names_that_are_not_utf8_are_printed_as_their_bytes(model_dir, dataset, tmp_path):
+    folder = tmp_path / "names"
+    folder.mkdir()
+    name = folder / os.fsdecode(b"\xffx.png")  # Linux allows any bytes but / and NUL
+    shutil.copy(sorted(dataset["good"].iterdir())[0], name)
+    strict = {**os.environ, "PYTHONIOENCODING": "utf-8:strict"}
+    for format in ("jsonl", "table"):
+        result = subprocess.run([sys.executable, "-m", "aadetect", "score", "--model", str(model_dir),
+                                 "--format", format, str(folder)], capture_output=True, env=strict, timeout=300)
+        assert result.returncode in (0, 1), result.stderr.decode(errors="replace")
+        assert os.fsencode(name) in result.stdout
+
+
 def test_data_fingerprint_does_not_depend_on_how_the_path_is_spelled(dataset, monkeypatch):
     from aadetect.images import find_images
     from aadetect.pipeline import fingerprint
