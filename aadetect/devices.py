@@ -29,6 +29,20 @@ def resolve_device(name: str) -> str:
 
 
 @contextmanager
+def flush_denormals():
+    """Denormal floats as zero, for training only: epochs slowed about 2x as the weights converged
+    without it. Scoring, and the KDE and thresholds fitted after training, keep the default float
+    handling (restored on exit), so a model's numbers do not depend on the process that made them."""
+    import torch
+
+    torch.set_flush_denormal(True)
+    try:
+        yield
+    finally:
+        torch.set_flush_denormal(False)
+
+
+@contextmanager
 def exact_math(device: str):
     """On CUDA: deterministic cuDNN kernels in full float32 (no TF32). The same seed then gives the
     same model, and GPU scores agree with CPU scores; TF32 convolutions moved far images' log-densities

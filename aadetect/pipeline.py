@@ -103,7 +103,7 @@ def train_detector(data: str | Path, config: TrainConfig, model_dir: str | Path,
     from aadetect.atomic import staged_directory, write_atomic, write_text_atomic
     from aadetect.calibration import Measurements, default_thresholds
     from aadetect.density import KernelDensity
-    from aadetect.devices import exact_math, resolve_device
+    from aadetect.devices import exact_math, flush_denormals, resolve_device
     from aadetect.scoring import Detector, sha256_file
     from aadetect.train import encode_all, train_autoencoder
 
@@ -113,7 +113,6 @@ def train_detector(data: str | Path, config: TrainConfig, model_dir: str | Path,
     data, model_dir = Path(data), Path(os.path.abspath(model_dir))  # "." or "x/.." has no name to stage beside
     check_output_dir(model_dir)
     started = time.perf_counter()
-    torch.set_flush_denormal(True)
 
     pixels, refs, skipped, size, channels = read_training_images(data, config, reporter)
     data_sha256 = fingerprint(refs, data)
@@ -132,7 +131,7 @@ def train_detector(data: str | Path, config: TrainConfig, model_dir: str | Path,
                                    f"loss {record['reconstruction']:.4f} val {record['validation']:.4f}"
                                    + (f" rejected {record['rejected']}" if config.robust else ""))
 
-        with exact_math(device):
+        with exact_math(device), flush_denormals():
             result = train_autoencoder(pixels, arch, config, device, on_step=lambda step: advance(step["images"]),
                                        on_epoch=on_epoch, save_checkpoint=save_checkpoint, resume_from=resume_from)
 

@@ -143,6 +143,13 @@ def test_train_into_the_current_folder(dataset, tmp_path, monkeypatch):
     assert (tmp_path / "empty" / "card.yaml").is_file()
 
 
+def test_training_in_process_leaves_float_handling_as_it_was(model_dir):
+    import torch
+
+    # model_dir was trained in this process; denormals flushed to zero there must not leak out
+    assert (torch.tensor([1e-310], dtype=torch.float64) * 1.0).item() > 0
+
+
 def test_score_table_is_on_stdout(model_dir, dataset):
     result = invoke("score", "--model", model_dir, dataset["good"])
     assert "reconstruction_error" in result.stdout
