@@ -31,6 +31,7 @@ app = typer.Typer(
 
 DEFAULT_MODEL = "aadetect-model"
 EXIT_ANOMALY, EXIT_USAGE = 1, 2
+EXIT_READER_LEFT = 128 + 13  # what a shell reports for a process ended by SIGPIPE
 SCORE_FIELDS = ("path", "reconstruction_error", "log_density", "score", "anomaly", "reason", "error")
 
 
@@ -78,7 +79,7 @@ def user_errors(command):
             raise typer.Exit(130) from None
         except BrokenPipeError:  # e.g. `aadetect score ... | head`: the reader left, stop quietly
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-            raise typer.Exit(EXIT_ANOMALY) from None
+            raise typer.Exit(EXIT_READER_LEFT) from None  # not 1: unread images are not "anomalous"
         except OSError as error:  # a full disk, a read-only --out folder: the user's to fix, not a bug
             say(f"aadetect: error: {error.filename or ''}{': ' if error.filename else ''}{error.strerror or error}")
             raise typer.Exit(EXIT_USAGE) from None

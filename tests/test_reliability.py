@@ -255,6 +255,19 @@ def test_file_names_that_are_not_utf8_are_printed_as_their_bytes(model_dir, data
         assert os.fsencode(name) in result.stdout
 
 
+def test_a_reader_that_leaves_early_is_not_reported_as_anomalies(model_dir, dataset):
+    image = sorted(dataset["good"].iterdir())[0]
+    scorer = subprocess.Popen([sys.executable, "-m", "aadetect", "score", "--model", str(model_dir),
+                               "--format", "jsonl", "-"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE)
+    scorer.stdin.write(f"{image}\n".encode() * 3000)  # far more rows than a pipe buffers
+    scorer.stdin.close()
+    assert json.loads(scorer.stdout.readline())["path"] == str(image)
+    scorer.stdout.close()  # like `| head -1`
+    assert scorer.wait(timeout=300) == 141
+    assert b"Traceback" not in scorer.stderr.read()
+
+
 def test_data_fingerprint_does_not_depend_on_how_the_path_is_spelled(dataset, monkeypatch):
     from aadetect.images import find_images
     from aadetect.pipeline import fingerprint
