@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from aadetect.config import ERROR_MEASURES
-from aadetect.errors import UserError
+from aadetect.errors import UserError, first_line
 
 FORMAT_VERSION = 2  # 2: reconstruction scale in log units; centres of held-out good images
 CARD_FILE = "card.yaml"
@@ -138,7 +138,7 @@ class ModelCard:
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError as exc:
-            raise UserError(f"{source}: not valid YAML ({str(exc).splitlines()[0]})") from None
+            raise UserError(f"{source}: not valid YAML ({first_line(exc)})") from None
         if not isinstance(data, dict):
             raise UserError(f"{source}: not a model card (expected a mapping)")
         version = data.get("format_version")

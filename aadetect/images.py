@@ -15,7 +15,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from aadetect.errors import UserError
+from aadetect.errors import UserError, first_line
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 ARRAY_SUFFIXES = (".npy", ".npz")
@@ -79,7 +79,7 @@ def _read_array(path: Path) -> np.ndarray:
     try:
         loaded = np.load(path, allow_pickle=False, mmap_mode="r" if path.suffix.lower() == ".npy" else None)
     except Exception as exc:  # numpy raises many types for bad files
-        raise UserError(f"{path}: not a readable numpy file ({_reason(exc)})") from None
+        raise UserError(f"{path}: not a readable numpy file ({first_line(exc)})") from None
     if isinstance(loaded, np.lib.npyio.NpzFile):
         with loaded:
             keys = list(loaded.keys())
@@ -89,7 +89,7 @@ def _read_array(path: Path) -> np.ndarray:
             try:
                 array = loaded[key]
             except Exception as exc:
-                raise UserError(f"{path}: cannot read array {key!r} ({_reason(exc)})") from None
+                raise UserError(f"{path}: cannot read array {key!r} ({first_line(exc)})") from None
     else:
         array = loaded
     if array.ndim == 4 and array.shape[-1] not in (1, 3, 4):
@@ -162,7 +162,7 @@ def decode(ref: ImageRef, size: int, channels: int) -> np.ndarray:
     except UserError:
         raise
     except Exception as exc:  # Pillow raises many types on corrupt data
-        raise UserError(f"{ref.name}: cannot decode image ({_reason(exc)})") from None
+        raise UserError(f"{ref.name}: cannot decode image ({first_line(exc)})") from None
 
 
 def _open(ref: ImageRef):
@@ -186,7 +186,7 @@ def _open(ref: ImageRef):
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise UserError(f"{ref.name}: image too large (over {MAX_PIXELS:,} pixels)") from None
     except Exception as exc:
-        raise UserError(f"{ref.name}: cannot open image ({_reason(exc)})") from None
+        raise UserError(f"{ref.name}: cannot open image ({first_line(exc)})") from None
     if image.width * image.height > MAX_PIXELS:
         image.close()
         raise UserError(f"{ref.name}: image too large ({image.width}x{image.height}, over {MAX_PIXELS:,} pixels)")
@@ -227,11 +227,6 @@ def _finish(image, size: int, channels: int) -> np.ndarray:
         image = image.resize((size, size), Image.Resampling.BILINEAR)
     pixels = np.asarray(image, dtype=np.uint8)
     return pixels[None] if channels == 1 else np.ascontiguousarray(pixels.transpose(2, 0, 1))
-
-
-def _reason(exc: BaseException) -> str:
-    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    return text[:200]
 
 
 def choose_image_size(shapes: list[tuple[int, int, int]]) -> int:

@@ -17,7 +17,7 @@ from aadetect.card import (CARD_FILE, DENSITY_FILE, FORMAT_VERSION, REJECTED_FIL
                            ArchitectureInfo, Calibration, DataInfo, DensityInfo, ModelCard, Preprocessing,
                            TrainingInfo, read_card)
 from aadetect.config import AUTO, Architecture, TrainConfig, check_fraction
-from aadetect.errors import UserError
+from aadetect.errors import UserError, first_line
 from aadetect.images import ImageRef, ImagesOnDisk, choose_image_size, find_images, image_mode, load_images
 from aadetect.progress import Reporter
 
@@ -185,8 +185,7 @@ def _read_checkpoint(path: Path, identity: dict) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for damaged files
-        reason = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
-        raise UserError(f"{path}: cannot read checkpoint ({reason})") from None
+        raise UserError(f"{path}: cannot read checkpoint ({first_line(exc)})") from None
     if not isinstance(state, dict):
         raise UserError(f"{path}: not an aadetect checkpoint")
     if state.get("identity") != identity:

@@ -15,7 +15,7 @@ from typing import Iterator
 import numpy as np
 
 from aadetect.card import DENSITY_FILE, WEIGHTS_FILE, ModelCard, Thresholds, read_card
-from aadetect.errors import UserError
+from aadetect.errors import UserError, first_line
 from aadetect.images import ImageRef, iterate_batches, materialize
 
 # Every forward pass sees a batch of exactly this many images (the last one padded), so an
@@ -178,14 +178,14 @@ def load_model(model_dir: Path, card: ModelCard, device: str):
     try:
         state = torch.load(path, map_location=device, weights_only=True)
     except pickle.UnpicklingError as exc:
-        raise UserError(f"{path}: refused to load (not a plain tensor file: {str(exc).splitlines()[0][:120]})") from None
+        raise UserError(f"{path}: refused to load (not a plain tensor file: {first_line(exc, 120)})") from None
     except Exception as exc:
-        raise UserError(f"{path}: cannot read weights ({str(exc).splitlines()[0][:160]})") from None
+        raise UserError(f"{path}: cannot read weights ({first_line(exc, 160)})") from None
     try:
         model = AdversarialAutoencoder(arch)
         model.load_state_dict(state)
     except Exception as exc:
-        raise UserError(f"{path}: weights do not fit the card's architecture ({str(exc).splitlines()[0][:160]})") from None
+        raise UserError(f"{path}: weights do not fit the card's architecture ({first_line(exc, 160)})") from None
     return model
 
 
