@@ -92,7 +92,9 @@ def startup(work: Path, repeats: int) -> dict:
 
 def scoring(work: Path, count: int, repeats: int, device: str = "cpu") -> dict:
     """Streaming from PNG files against the detector's own speed on decoded tensors (64x64 RGB)."""
-    from aadetect.images import find_images, load_images
+    from PIL import Image
+
+    from aadetect.images import decode, find_images, load_images
     from aadetect.scoring import Detector
 
     data = write_images(work / "rgb64-train", 256, 64, 3)
@@ -121,12 +123,28 @@ def scoring(work: Path, count: int, repeats: int, device: str = "cpu") -> dict:
         tensor_times.append(tensor_only())
         stream_times.append(streaming())
     round_ratios = [tensor / stream for tensor, stream in zip(tensor_times, stream_times)]
+
+    def decoding(read) -> float:  # seconds per image
+        start = time.perf_counter()
+        for ref in refs:
+            read(ref)
+        return (time.perf_counter() - start) / count
+
+    def pillow_alone(ref) -> np.ndarray:  # the floor: Pillow's own open, decode and array
+        with Image.open(ref.path) as image:
+            return np.asarray(image)
+
+    decode_times, pillow_times = [], []
+    for _ in range(repeats):
+        decode_times.append(decoding(lambda ref: decode(ref, 64, 3)))
+        pillow_times.append(decoding(pillow_alone))
     tensor_rate = count / statistics.median(tensor_times)
     stream_rate = count / statistics.median(stream_times)
     del pixels
     return {"images": count, "rounds": repeats, "tensor_only_images_per_s": tensor_rate,
             "streaming_images_per_s": stream_rate, "streaming_over_tensor_only": stream_rate / tensor_rate,
-            "round_ratios": round_ratios}
+            "round_ratios": round_ratios, "decode_us_per_image": 1e6 * statistics.median(decode_times),
+            "pillow_alone_us_per_image": 1e6 * statistics.median(pillow_times)}
 
 
 def peak_rss(work: Path, counts: tuple[int, ...]) -> dict:
@@ -288,6 +306,8 @@ def render(results: dict) -> str:
         f"| scoring 64x64 RGB, streaming PNG files | {sc['streaming_images_per_s']:.0f} images/s = "
         f"{sc['streaming_over_tensor_only']:.0%} of tensor-only (medians of {sc['rounds']} interleaved rounds; "
         f"rounds {min(sc['round_ratios']):.0%}-{max(sc['round_ratios']):.0%}) | >= 70% |",
+        f"| decoding one 64x64 RGB PNG (`images.decode`) / Pillow's own open, decode and array | "
+        f"{sc['decode_us_per_image']:.0f} / {sc['pillow_alone_us_per_image']:.0f} µs | |",
         f"| peak RSS, score {counts[0]} / {counts[1]} images | {mem[f'peak_rss_mb_{counts[0]}']:.0f} MB / "
         f"{mem[f'peak_rss_mb_{counts[1]}']:.0f} MB "
         f"({mem[f'peak_rss_mb_{counts[1]}'] / mem[f'peak_rss_mb_{counts[0]}'] - 1:+.1%}) | within 10% |",
