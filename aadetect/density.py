@@ -11,7 +11,9 @@ For a query q, codes c_1..c_n and kernel covariance S = L L^T::
 Queries and codes are whitened once with the Cholesky factor. The exponent
 -|q - c|^2 / 2 comes out of one float64 matrix product of augmented vectors,
 ``[q, -|q|^2/2, 1] . [c, 1, -|c|^2/2]``, clamped to <= 0. Tiles of queries x codes are
-small enough to stay in cache, and their exponentials are summed directly; the rare
+small enough to stay in cache, and their exponentials are summed directly; on the CPU
+each block of queries runs on one thread, and the blocks are shared out over torch's
+threads, so the numbers do not depend on how many there are. The rare
 queries whose sum underflows (far from every code) are redone with a max-shifted
 logsumexp, so they still get an exact log-density.
 
@@ -22,7 +24,9 @@ and scoring only needs torch.
 from __future__ import annotations
 
 import math
+import threading
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -42,20 +46,31 @@ UNDERFLOW = 1e-200  # a direct sum this small is redone with a max-shifted logsu
 
 
 @contextmanager
-def _one_cpu_thread(device):
-    """Run the tiles on one thread: they are too small to gain from intra-op threads, and
-    waking those on every tiny op costs more than the work (badly so on a busy machine)."""
+def _tile_workers(device):
+    """Yield how many threads evaluate query tiles in parallel (1 off the CPU).
+
+    Each tile runs on one thread: a tile is too small to gain from intra-op threads, and
+    waking those on every tiny op costs more than the work (badly so on a busy machine).
+    Whole tiles go to the threads instead, so a query's value never depends on how many
+    there are.
+    """
     import torch
 
     threads = torch.get_num_threads()
     if device.type != "cpu" or threads == 1:
-        yield
+        yield 1
         return
     torch.set_num_threads(1)
     try:
-        yield
+        yield threads
     finally:
         torch.set_num_threads(threads)
+
+
+def _one_thread_per_worker() -> None:
+    import torch
+
+    torch.set_num_threads(1)  # this thread's own OpenMP team, besides the global setting
 
 
 def _parse_bandwidth(bandwidth: Any) -> str | float:
@@ -151,6 +166,28 @@ def _cholesky_lower(covariance: np.ndarray, n: int) -> np.ndarray:
     if not np.all(np.isfinite(chol)) or not np.all(diag > 0.0):
         raise ValueError(_singular_message(n, d))
     return chol
+
+
+def _log_sum_kernels(block, codes, code_tile: int, tile):
+    """log sum_i exp(-|q - c_i|^2 / 2) for each augmented query row of ``block``.
+
+    ``tile`` is a scratch buffer of at least len(block) x code_tile float64 values.
+    """
+    import torch
+
+    total = torch.zeros(len(block), dtype=torch.float64, device=block.device)
+    for first in range(0, codes.shape[1], code_tile):
+        part = codes[:, first:first + code_tile]
+        exponent = tile[:len(block) * part.shape[1]].view(len(block), part.shape[1])
+        torch.mm(block, part, out=exponent)
+        total += exponent.clamp_(EXP_FLOOR, 0.0).exp_().sum(1)
+    result = total.log()
+    far = total < UNDERFLOW
+    if bool(far.any()):  # max-shifted logsumexp, floored so exp() stays on its fast path
+        exponent = torch.mm(block[far], codes).clamp_(max=0.0)
+        top = exponent.amax(dim=1, keepdim=True)
+        result[far] = exponent.sub_(top).clamp_(min=EXP_FLOOR).exp_().sum(1).log_() + top[:, 0]
+    return result
 
 
 class KernelDensity:
@@ -289,30 +326,31 @@ class KernelDensity:
             raise ValueError(f"queries must have shape (m, {self.dim}), got {tuple(q.shape)}")
         if not bool(torch.isfinite(q).all()):
             raise ValueError("queries contain NaN or infinite values")
-        with torch.inference_mode(), _one_cpu_thread(q.device):
+        with torch.inference_mode(), _tile_workers(q.device) as workers:
             chol, center, codes = self._device_state(q.device)
             whitened = torch.linalg.solve_triangular(chol, (q - center).T, upper=False).T  # (m, d)
             augmented = torch.cat([whitened, -0.5 * whitened.square().sum(1, keepdim=True),
                                    torch.ones_like(whitened[:, :1])], dim=1)
             out = torch.empty(len(q), dtype=torch.float64, device=q.device)
-            query_tile = min(int(chunk_size), QUERY_TILE) if q.device.type == "cpu" else int(chunk_size)
-            code_tile = CODE_TILE if q.device.type == "cpu" else codes.shape[1]
-            tile = torch.empty(query_tile * code_tile, dtype=torch.float64, device=q.device)  # reused
-            for start in range(0, len(q), query_tile):
-                block = augmented[start:start + query_tile]
-                total = torch.zeros(len(block), dtype=torch.float64, device=q.device)
-                for first in range(0, codes.shape[1], code_tile):
-                    part = codes[:, first:first + code_tile]
-                    exponent = tile[:len(block) * part.shape[1]].view(len(block), part.shape[1])
-                    torch.mm(block, part, out=exponent)
-                    total += exponent.clamp_(EXP_FLOOR, 0.0).exp_().sum(1)
-                result = total.log()
-                far = total < UNDERFLOW
-                if bool(far.any()):  # max-shifted logsumexp, floored so exp() stays on its fast path
-                    exponent = torch.mm(block[far], codes).clamp_(max=0.0)
-                    top = exponent.amax(dim=1, keepdim=True)
-                    result[far] = exponent.sub_(top).clamp_(min=EXP_FLOOR).exp_().sum(1).log_() + top[:, 0]
-                out[start:start + query_tile] = result
+            on_cpu = q.device.type == "cpu"
+            query_tile = min(int(chunk_size), QUERY_TILE) if on_cpu else int(chunk_size)
+            code_tile = CODE_TILE if on_cpu else codes.shape[1]
+            starts = range(0, len(q), query_tile)
+            scratch = threading.local()  # one reused tile buffer per thread
+
+            def evaluate(start: int) -> None:
+                with torch.inference_mode():  # thread-local, so entered again in each worker
+                    if not hasattr(scratch, "tile"):
+                        scratch.tile = torch.empty(query_tile * code_tile, dtype=torch.float64, device=q.device)
+                    block = augmented[start:start + query_tile]
+                    out[start:start + query_tile] = _log_sum_kernels(block, codes, code_tile, scratch.tile)
+
+            if workers > 1 and len(starts) > 1:
+                with ThreadPoolExecutor(min(workers, len(starts)), initializer=_one_thread_per_worker) as pool:
+                    list(pool.map(evaluate, starts))  # list() re-raises a worker's exception here
+            else:
+                for start in starts:
+                    evaluate(start)
             return (out - self._log_norm).cpu().numpy()
 
     # ----------------------------------------------------------- persistence

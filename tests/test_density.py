@@ -75,21 +75,26 @@ def test_code_tiling_matches_scipy(monkeypatch):
     np.testing.assert_allclose(got, _scipy_logpdf(codes, queries), rtol=1e-9, atol=0)
 
 
-def test_one_thread_gives_the_same_numbers():
+def test_thread_count_does_not_change_the_numbers():
+    # query blocks are shared out over torch's threads, each block on one thread
     import torch
 
     codes, near, far = _codes_and_queries(3000, 8, seed=19)
-    queries = np.concatenate([near, far])
+    queries = np.concatenate([near, far, near, far])
+    assert len(queries) > 4 * density_module.QUERY_TILE  # several blocks per thread
     density = KernelDensity.fit(codes)
-    threaded = density.log_density(queries)
-    np.testing.assert_allclose(threaded, _scipy_logpdf(codes, queries), rtol=1e-9, atol=0)
     threads = torch.get_num_threads()
+    by_threads = {}
     try:
-        torch.set_num_threads(1)
-        single = density.log_density(queries)
+        for count in (1, 2, 3):
+            torch.set_num_threads(count)
+            by_threads[count] = density.log_density(queries)
+            assert torch.get_num_threads() == count  # restored after the call
     finally:
         torch.set_num_threads(threads)
-    np.testing.assert_allclose(single, threaded, rtol=1e-12, atol=0)
+    np.testing.assert_allclose(by_threads[1], _scipy_logpdf(codes, queries), rtol=1e-9, atol=0)
+    np.testing.assert_array_equal(by_threads[2], by_threads[1])
+    np.testing.assert_array_equal(by_threads[3], by_threads[1])
 
 
 def test_chunk_size_invariance():
