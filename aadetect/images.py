@@ -108,8 +108,15 @@ def _read_array(path: Path) -> np.ndarray:
     return array
 
 
+def native_order(values: np.ndarray) -> np.ndarray:
+    """Big-endian pixels (16-bit TIFFs, some .npy files) in this machine's byte order, so that the
+    type rules below see a uint16 as a uint16."""
+    return values if values.dtype.isnative else values.astype(values.dtype.newbyteorder("="))
+
+
 def out_of_range(values: np.ndarray) -> str | None:
     """Why these pixel values cannot be read by `to_uint8`'s fixed rule, if they cannot."""
+    values = native_order(values)
     if values.dtype in (np.uint8, np.uint16, np.bool_) or values.size == 0:
         return None
     low, high = float(values.min()), float(values.max())
@@ -128,6 +135,7 @@ def to_uint8(values: np.ndarray) -> np.ndarray:
     Never by an image's own brightest pixel: the same scene must decode alike in training and
     scoring, whatever else is in the picture. `out_of_range` says which values do not fit.
     """
+    values = native_order(values)
     if values.dtype == np.uint8:
         return values
     scale = {np.dtype(np.uint16): 1 / 257, np.dtype(np.bool_): 255.0}.get(
@@ -214,7 +222,7 @@ def _finish(image, size: int, channels: int) -> np.ndarray:
 
     if image.mode.startswith("I") or image.mode == "F":
         values = np.asarray(image)
-        if image.mode == "I":  # Pillow before 11 opens 16-bit PNGs as 32-bit "I"
+        if image.mode == "I" and image.format == "PNG":  # Pillow before 11 opens 16-bit PNGs as 32-bit "I"
             values = values.clip(0, 65535).astype(np.uint16)
         problem = out_of_range(values)
         if problem:

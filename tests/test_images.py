@@ -63,6 +63,25 @@ def test_deep_pixels_scale_by_type_never_by_the_brightest_pixel(tmp_path):
     assert decode(find_images(tmp_path / "ints.npy")[0], 8, 1)[0, 4, 4] == 128
 
 
+def test_byte_order_and_32_bit_integer_images_follow_the_type_rules(tmp_path):
+    """Big-endian 16-bit data is 16-bit data; a 32-bit integer TIFF of 0-255 values is not."""
+    deep = (gradient().astype(np.uint16) * 257)
+    expected = decode_from(tmp_path, "plain.png", gradient())
+    Image.fromarray(deep).save(tmp_path / "little.tif")
+    Image.frombytes("I;16B", deep.shape[::-1], deep.astype(">u2").tobytes()).save(tmp_path / "big.tif")
+    np.save(tmp_path / "big.npy", deep.astype(">u2")[None])
+    Image.fromarray(gradient().astype(np.int32)).save(tmp_path / "int32.tif")
+    np.save(tmp_path / "int32.npy", gradient().astype(np.int32)[None])
+    for name in ("little.tif", "big.tif", "big.npy", "int32.tif", "int32.npy"):
+        got = decode(find_images(tmp_path / name)[0], 16, 1)
+        assert np.abs(got.astype(int) - expected).max() <= 1, name
+
+
+def decode_from(folder: Path, name: str, pixels: np.ndarray) -> np.ndarray:
+    Image.fromarray(pixels).save(folder / name)
+    return decode(ImageRef(folder / name), 16, 1)
+
+
 def test_float_image_files_out_of_range_are_refused(tmp_path):
     path = tmp_path / "hdr.tif"
     Image.fromarray(np.full((8, 8), 3.5, np.float32)).save(path)
