@@ -12,20 +12,41 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
-    """Let `write` fill a temp file beside `path`, flush it to disk, then rename it over `path`."""
+    """Let `write` fill a temp file beside `path`, flush it to disk, then rename it over `path`.
+
+    The file gets the mode a plain open() would give it (mkstemp makes it private), or the mode
+    of the file it replaces. An error names `path`, not the temp file.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    temp = Path(temp_name)
     try:
+        mode = path.stat().st_mode & 0o777
+    except OSError:
+        mode = 0o666 & ~_umask()
+    temp = None
+    try:
+        handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(handle)
+        temp = Path(temp_name)
+        os.chmod(temp, mode)
         write(temp)
         with open(temp, "rb") as written:
             os.fsync(written.fileno())
         os.replace(temp, path)
+    except OSError as error:
+        if error.filename is not None and Path(error.filename) in (temp, path.parent):
+            raise OSError(error.errno, error.strerror, str(path)) from None
+        raise
     finally:
-        temp.unlink(missing_ok=True)
+        if temp is not None:
+            temp.unlink(missing_ok=True)
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -40,10 +61,25 @@ def staged_directory(target: Path) -> Iterator[Path]:
     remove_abandoned(target)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.staging-{os.getpid()}-", dir=target.parent))
     try:
+        os.chmod(staging, 0o777 & ~_umask())  # mkdtemp makes it private; a model folder is for everyone
         yield staging
         replace_directory(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def check_writable(path: Path) -> None:
+    """UserError naming `path` unless it can be created beside its siblings (its nearest existing
+    parent folder takes a new file): asked before long work whose result goes there."""
+    from aadetect.errors import UserError
+
+    path = Path(path)
+    folder = next((parent for parent in path.parents if parent.exists()), path.parent)
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise UserError(f"{path}: cannot write there ({error.strerror or error})") from None
 
 
 def remove_abandoned(target: Path) -> None:

@@ -17,7 +17,7 @@ from typing import Annotated, Optional
 import typer
 
 from aadetect import __version__
-from aadetect.config import ERROR_MEASURES, TrainConfig
+from aadetect.config import ERROR_MEASURES, TrainConfig, check_seed
 from aadetect.errors import UserError
 
 app = typer.Typer(
@@ -30,7 +30,7 @@ app = typer.Typer(
 )
 
 DEFAULT_MODEL = "aadetect-model"
-EXIT_ANOMALY, EXIT_USAGE = 1, 2
+EXIT_ANOMALY, EXIT_USAGE, EXIT_BUG = 1, 2, 3
 EXIT_READER_LEFT = 128 + 13  # what a shell reports for a process ended by SIGPIPE
 SCORE_FIELDS = ("path", "reconstruction_error", "log_density", "score", "anomaly", "reason", "error")
 
@@ -83,6 +83,14 @@ def user_errors(command):
         except OSError as error:  # a full disk, a read-only --out folder: the user's to fix, not a bug
             say(f"aadetect: error: {error.filename or ''}{': ' if error.filename else ''}{error.strerror or error}")
             raise typer.Exit(EXIT_USAGE) from None
+        except (typer.Exit, typer.Abort):
+            raise  # how a command ends on purpose
+        except Exception:  # a bug: keep the traceback for the report, but never exit 1 ("anomalous")
+            import traceback
+
+            traceback.print_exc()
+            say("aadetect: internal error (a bug in aadetect; please report it with the traceback above)")
+            raise typer.Exit(EXIT_BUG) from None
     return run
 
 
@@ -241,6 +249,8 @@ def evaluate(
 
     report = evaluate_detector(model, good, anomalous, device=device, reporter=reporter_for(quiet))
     print_report(report, format)
+    if report["unreadable"]:  # measured on the rest, but the input was not all usable: like `score`
+        raise typer.Exit(EXIT_USAGE)
 
 
 @app.command()
@@ -259,6 +269,7 @@ def demo(
 
     if train_images < 20:
         raise UserError(f"--train-images must be at least 20, got {train_images}")
+    check_seed(seed)
     reporter = reporter_for(quiet)
     report = run_demo(out, seed=seed, epochs=epochs, train_images=train_images, reporter=reporter)
     print_report(report, format)
@@ -271,6 +282,8 @@ def read_paths(paths: list[str], null: bool) -> list[str]:
         if path != "-":
             result.append(path)
             continue
+        if sys.stdin is None:
+            raise UserError("'-' reads paths from stdin, but stdin is closed")
         text = sys.stdin.buffer.read().decode("utf-8", "surrogateescape")
         lines = text.split("\0") if null else [line.removesuffix("\r") for line in text.split("\n")]
         result.extend(line for line in lines if line.strip())

@@ -43,6 +43,7 @@ class TrainConfig:
             raise UserError(f"--latent-dim must be between 1 and 256, got {self.latent_dim}")
         if self.batch_size < 2:
             raise UserError(f"--batch-size must be at least 2, got {self.batch_size}")
+        check_seed(self.seed)
         if self.error not in ERROR_MEASURES:
             raise UserError(f"--error must be one of {', '.join(ERROR_MEASURES)}, got {self.error!r}")
         if not 0.0 < self.validation_fraction < 0.5:
@@ -77,6 +78,11 @@ class Architecture:
     @property
     def bottom_size(self) -> int:
         return self.image_size // 2 ** len(self.widths)
+
+
+def check_seed(seed: int) -> None:
+    if not 0 <= seed < 2 ** 63:  # what torch and numpy both take
+        raise UserError(f"--seed must be between 0 and 2**63 - 1, got {seed}")
 
 
 def check_fraction(option: str, value: float) -> None:

@@ -41,10 +41,14 @@ def checkpoint_path(model_dir: Path) -> Path:
 
 
 def check_output_dir(model_dir: Path) -> None:
-    """Never replace a folder that is not an aadetect model: it may hold the user's data."""
+    """Never replace a folder that is not an aadetect model: it may hold the user's data. And find
+    out now, not after training, when the model cannot be written where it should go."""
+    from aadetect.atomic import check_writable
+
     if model_dir.exists() and (not model_dir.is_dir() or
                                (any(model_dir.iterdir()) and not (model_dir / CARD_FILE).exists())):
         raise UserError(f"{model_dir}: exists and is not an aadetect model folder; choose another --out")
+    check_writable(model_dir)
 
 
 def fingerprint(refs: list[ImageRef], root: Path) -> str:
@@ -110,7 +114,8 @@ def train_detector(data: str | Path, config: TrainConfig, model_dir: str | Path,
     reporter = reporter or Reporter()
     config.validate()
     device = resolve_device(config.device)
-    data, model_dir = Path(data), Path(os.path.abspath(model_dir))  # "." or "x/.." has no name to stage beside
+    # "." or "x/.." has no name to stage beside; a link to a model folder must keep pointing at the new model
+    data, model_dir = Path(data), Path(os.path.realpath(model_dir))
     check_output_dir(model_dir)
     started = time.perf_counter()
 
@@ -125,6 +130,10 @@ def train_detector(data: str | Path, config: TrainConfig, model_dir: str | Path,
         write_atomic(checkpoint_file, lambda temp: torch.save({**state, "identity": identity}, temp))
 
     train_count = len(refs) - max(1, round(len(refs) * config.validation_fraction))
+    if train_count <= config.latent_dim:  # the density needs more codes than dimensions: say so before training
+        raise UserError(f"{data}: {train_count} training images (besides {len(refs) - train_count} held out) "
+                        f"are too few for {config.latent_dim}-dimensional codes; use more images or a "
+                        f"smaller --latent-dim (below {train_count})")
     with reporter.progress("training", total=config.epochs * train_count) as advance:
         def on_epoch(record: dict) -> None:
             advance(0, description=f"epoch {record['epoch']}/{config.epochs} "
@@ -151,8 +160,8 @@ def train_detector(data: str | Path, config: TrainConfig, model_dir: str | Path,
     with staged_directory(model_dir) as staging:
         torch.save(model.state_dict(), staging / WEIGHTS_FILE)
         density.save(staging / DENSITY_FILE)
-        (staging / VALIDATION_FILE).write_text("".join(refs[i].name + "\n" for i in result.validation_indices))
-        (staging / REJECTED_FILE).write_text("".join(name + "\n" for name in rejected))
+        write_names(staging / VALIDATION_FILE, [refs[i].name for i in result.validation_indices])
+        write_names(staging / REJECTED_FILE, rejected)
         card = ModelCard(
             format_version=FORMAT_VERSION, aadetect_version=__version__, created=now(), error_measure=config.error,
             data=DataInfo(path=str(data.resolve()), image_count=len(refs), sha256=data_sha256, skipped=skipped,
@@ -175,6 +184,11 @@ def train_detector(data: str | Path, config: TrainConfig, model_dir: str | Path,
         write_text_atomic(staging / CARD_FILE, card.to_yaml())
     checkpoint_file.unlink(missing_ok=True)
     return TrainSummary(card=card, model_dir=model_dir, rejected=rejected, skipped=skipped)
+
+
+def write_names(path: Path, names: list[str]) -> None:
+    """One file name a line, as the bytes the file system gave (a name need not be UTF-8 on Linux)."""
+    path.write_text("".join(name + "\n" for name in names), encoding="utf-8", errors="surrogateescape")
 
 
 def _read_checkpoint(path: Path, identity: dict) -> dict:
@@ -228,7 +242,7 @@ def calibrate_detector(model_dir: str | Path, good: str | Path, anomalous: str |
                        objective: str = "balanced-accuracy", target_fpr: float | None = None,
                        device: str = "auto", reporter: Reporter | None = None):
     """Choose both thresholds from labelled samples and rewrite the card atomically."""
-    from aadetect.atomic import write_text_atomic
+    from aadetect.atomic import check_writable, write_text_atomic
     from aadetect.calibration import OBJECTIVES, Measurements, choose_thresholds
     from aadetect.scoring import Detector
 
@@ -239,6 +253,7 @@ def calibrate_detector(model_dir: str | Path, good: str | Path, anomalous: str |
         check_fraction("--target-fpr", target_fpr)
     model_dir = Path(model_dir)
     card = read_card(model_dir)
+    check_writable(model_dir / CARD_FILE)  # rewritten at the end: find out before measuring
     detector = Detector.load(model_dir, device)
     good_set = measure_folder(detector, good, reporter, "good")
     anomalous_set = measure_folder(detector, anomalous, reporter, "anomalous") if anomalous else None

@@ -122,7 +122,8 @@ def test_file_names_are_printed_as_they_are_never_as_markup(model_dir, dataset, 
     assert str(folder / "[bold]y.png") in table.stdout and str(folder / "bad].png") in table.stdout
     report = invoke("evaluate", "--model", model_dir, "--good", folder, "--anomalous", dataset["anomalous"],
                     "--format", "json")
-    assert report.exit_code == 0 and str(folder / "bad].png") in report.stderr
+    assert report.exit_code == 2 and str(folder / "bad].png") in report.stderr  # measured, but input was bad
+    assert [entry for entry in json.loads(report.stdout)["unreadable"] if "bad].png" in entry]
 
 
 def test_stdin_lines_are_split_at_newlines_only(model_dir, dataset, tmp_path):

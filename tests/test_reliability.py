@@ -77,6 +77,76 @@ def test_options_checked_before_any_work(dataset, model_dir):
     assert_one_line_error(invoke("score", "--model", model_dir, "--device", "cuda:3", dataset["good"]), "cuda")
 
 
+def test_options_that_cannot_work_are_refused_before_training(dataset, tmp_path):
+    few = write_pngs(tmp_path / "few", blob_images(20, seed=4))  # 18 for training, 2 held out
+    assert_one_line_error(invoke("train", few, "--out", tmp_path / "m", *TRAIN_ARGS, "--latent-dim", "18"),
+                          "too few for 18-dimensional codes", "--latent-dim")
+    assert_one_line_error(invoke("train", few, "--out", tmp_path / "m", *TRAIN_ARGS, "--seed", str(2 ** 70)),
+                          "--seed")
+    assert_one_line_error(invoke("demo", "--out", tmp_path / "demo", "--seed", "-1"), "--seed")
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    assert_one_line_error(invoke("train", few, "--out", blocker / "m", *TRAIN_ARGS), str(blocker / "m"),
+                          "cannot write there")
+    assert not (tmp_path / "m").exists() and not (tmp_path / "demo").exists()
+    assert invoke("train", few, "--out", tmp_path / "m", *TRAIN_ARGS, "--latent-dim", "17").exit_code == 0
+
+
+def test_model_files_get_the_usual_permissions(dataset, model_dir, tmp_path):
+    """mkstemp and mkdtemp make private files; a model is meant to be read by other users and CI jobs."""
+    previous = os.umask(0o022)
+    try:
+        out = tmp_path / "m"
+        assert invoke("train", dataset["train"], "--out", out, *TRAIN_ARGS).exit_code == 0
+        assert out.stat().st_mode & 0o777 == 0o755
+        assert {path.name: path.stat().st_mode & 0o777 for path in out.iterdir()} == dict.fromkeys(
+            ("card.yaml", "weights.pt", "density.npz", "validation.txt", "rejected.txt"), 0o644)
+        (out / "card.yaml").chmod(0o664)
+        assert invoke("calibrate", "--model", out, "--good", dataset["good"], "--quiet").exit_code == 0
+        assert (out / "card.yaml").stat().st_mode & 0o777 == 0o664  # a rewritten card keeps its mode
+    finally:
+        os.umask(previous)
+
+
+def test_training_through_a_link_keeps_the_link(dataset, model_dir, tmp_path):
+    real = copy_model(model_dir, tmp_path)
+    link = tmp_path / "current"
+    link.symlink_to(real, target_is_directory=True)
+    before = sha256_file(real / "card.yaml")
+    assert invoke("train", dataset["train"], "--out", link, *TRAIN_ARGS, "--seed", "1").exit_code == 0
+    assert link.is_symlink() and link.resolve() == real.resolve()
+    assert sha256_file(real / "card.yaml") != before  # the new model is where the link points
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["current", "model"]  # nothing left beside
+
+
+def test_training_names_that_are_not_utf8_are_listed_as_their_bytes(tmp_path):
+    folder = write_pngs(tmp_path / "data", blob_images(40, seed=4))
+    for path in folder.iterdir():  # Linux allows any bytes but / and NUL in a name
+        path.rename(folder / os.fsdecode(b"\xff" + os.fsencode(path.name)))
+    result = invoke("train", folder, "--out", tmp_path / "m", *TRAIN_ARGS)
+    assert result.exit_code == 0, result.stderr
+    card = ModelCard.from_yaml((tmp_path / "m" / "card.yaml").read_text())
+    held_out = (tmp_path / "m" / "validation.txt").read_bytes().splitlines()
+    assert len(held_out) == card.data.validation_count > 0
+    assert all(Path(os.fsdecode(line)).is_file() and b"\xff" in line for line in held_out)
+
+
+def test_closed_stdin_and_bugs_never_exit_1(model_dir, monkeypatch):
+    closed = subprocess.run(f'"{sys.executable}" -m aadetect score --model "{model_dir}" - <&-', shell=True,
+                            capture_output=True, text=True, timeout=300)
+    assert closed.returncode == 2 and "stdin is closed" in closed.stderr and "Traceback" not in closed.stderr
+
+    import aadetect.scoring
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a planted bug")
+
+    monkeypatch.setattr(aadetect.scoring.Detector, "load", broken)
+    result = invoke("score", "--model", model_dir, "x.png")
+    assert result.exit_code == 3  # not 1, which a CI gate would read as "anomalous"
+    assert "a planted bug" in result.stderr and "internal error" in result.stderr.splitlines()[-1]
+
+
 # ---- damaged models -------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("change, fragment", [
