@@ -128,8 +128,10 @@ def train(
                           ] = TrainConfig.image_size,
     latent_dim: Annotated[int, typer.Option(help="Size of the bottleneck code.")] = TrainConfig.latent_dim,
     batch_size: Annotated[int, typer.Option(help="Images per training step.")] = TrainConfig.batch_size,
-    error: Annotated[ErrorMeasure, typer.Option(help="Reconstruction error measure (smooth-mse: of the residual "
-                                                     "averaged over 3x3 pixels).")] = ErrorMeasure(TrainConfig.error),
+    error: Annotated[ErrorMeasure, typer.Option(help="Reconstruction error measure. scaled-mse: each pixel's "
+                                                     "residual divided by how well good images are rebuilt "
+                                                     "there; smooth-mse: of the residual averaged over 3x3 "
+                                                     "pixels.")] = ErrorMeasure(TrainConfig.error),
     seed: Annotated[int, typer.Option(help="Random seed: same seed, data and device give the same model.")
                     ] = TrainConfig.seed,
     device: DeviceOption = "auto",

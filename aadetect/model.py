@@ -67,24 +67,51 @@ class AdversarialAutoencoder(nn.Module):
         self.encoder = Encoder(arch)
         self.decoder = Decoder(arch)
         self.discriminator = Discriminator(arch)
+        # What each pixel's residual is divided by for the scaled-mse error; set after training.
+        self.register_buffer("error_scale", torch.ones(arch.channels, arch.image_size, arch.image_size))
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         codes = self.encoder(images)
         return codes, self.decoder(codes)
 
 
-def reconstruction_error(reconstruction: torch.Tensor, images: torch.Tensor, measure: str) -> torch.Tensor:
-    """Per-image error: mean squared (mse), mean absolute (mae), root mean squared (rmse), or
-    smooth-mse: mean squared after averaging the residual over 3x3 neighbourhoods, so that a
-    stroke drawn a pixel off (plus and minus side by side) counts less than a missing or extra part."""
+def reconstruction_error(reconstruction: torch.Tensor, images: torch.Tensor, measure: str,
+                         scale: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-image error: mean squared (mse), mean absolute (mae), root mean squared (rmse),
+    scaled-mse: mean squared after dividing each pixel's residual by `scale` (the model's
+    `error_scale`), so a pixel the model rebuilds well on every good image counts more when it
+    is off, or smooth-mse: mean squared after averaging the residual over 3x3 neighbourhoods,
+    so that a stroke drawn a pixel off (plus and minus side by side) counts less than a missing
+    or extra part."""
     difference = reconstruction - images
-    if measure == "smooth-mse":
+    if measure == "scaled-mse":
+        if scale is None:
+            raise ValueError("the scaled-mse error needs the per-pixel scale")
+        difference = difference / scale
+    elif measure == "smooth-mse":
         difference = torch.nn.functional.avg_pool2d(difference, 3, stride=1, padding=1)
     difference = difference.flatten(1)
     if measure == "mae":
         return difference.abs().mean(1)
     squared = difference.square().mean(1)
     return squared.sqrt() if measure == "rmse" else squared
+
+
+@torch.inference_mode()
+def residual_scale(model: AdversarialAutoencoder, images, device: torch.device | str,
+                   batch_size: int = 256) -> torch.Tensor:
+    """The scaled-mse divisor: each pixel's root-mean-square residual over good images, plus the
+    mean of those, so that no pixel divides by almost zero and a pixel that is always rebuilt
+    well weighs at most four times an average one. (On Fashion-MNIST, a pullover's sleeves then
+    stand out on a T-shirt model: benchmarks/RESULTS.md.)"""
+    model.eval()
+    squares = torch.zeros(model.arch.channels, model.arch.image_size, model.arch.image_size,
+                          dtype=torch.float64, device=device)
+    for start in range(0, len(images), batch_size):
+        batch = to_input(images[start:start + batch_size], device)
+        squares += (model(batch)[1] - batch).double().square().sum(0)
+    rms = (squares / max(len(images), 1)).sqrt()
+    return (rms + rms.mean()).float()
 
 
 def to_input(pixels: torch.Tensor, device: torch.device | str) -> torch.Tensor:

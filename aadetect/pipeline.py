@@ -109,6 +109,7 @@ def train_detector(data: str | Path, config: TrainConfig, model_dir: str | Path,
     from aadetect.density import KernelDensity
     from aadetect.devices import exact_math, flush_denormals, resolve_device
     from aadetect.scoring import Detector, sha256_file
+    from aadetect.model import residual_scale
     from aadetect.train import encode_all, train_autoencoder
 
     reporter = reporter or Reporter()
@@ -147,7 +148,10 @@ def train_detector(data: str | Path, config: TrainConfig, model_dir: str | Path,
     model = result.model
     fit_indices = np.setdiff1d(result.train_indices, result.rejected)
     with exact_math(device):
-        codes, _ = encode_all(model, pixels[torch.from_numpy(fit_indices)], device, "mse")
+        fit_images = pixels[torch.from_numpy(fit_indices)]
+        codes, _ = encode_all(model, fit_images, device, "mse")
+        if config.error == "scaled-mse":
+            model.error_scale.copy_(residual_scale(model, fit_images, device))
     try:
         density = KernelDensity.fit(codes.double().numpy())
     except ValueError as exc:

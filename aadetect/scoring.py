@@ -97,7 +97,8 @@ class Detector:
                     chunk = torch.cat([chunk, chunk.new_zeros((SCORE_BATCH - count, *chunk.shape[1:]))])
                 images = to_input(chunk, self.device)
                 codes, reconstruction = self.model(images)
-                errors.append(reconstruction_error(reconstruction, images, self.error_measure)[:count].double().cpu())
+                errors.append(reconstruction_error(reconstruction, images, self.error_measure,
+                                                   self.model.error_scale)[:count].double().cpu())
                 densities.append(torch.from_numpy(
                     self.density.log_density(codes.double(), device=self.device)[:count]))
         if not errors:
@@ -181,6 +182,8 @@ def load_model(model_dir: Path, card: ModelCard, device: str):
         raise UserError(f"{path}: refused to load (not a plain tensor file: {first_line(exc, 120)})") from None
     except Exception as exc:
         raise UserError(f"{path}: cannot read weights ({first_line(exc, 160)})") from None
+    if isinstance(state, dict) and "error_scale" not in state and card.error_measure != "scaled-mse":
+        state["error_scale"] = torch.ones(arch.channels, arch.image_size, arch.image_size)  # cards before it
     try:
         model = AdversarialAutoencoder(arch)
         model.load_state_dict(state)
