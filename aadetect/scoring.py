@@ -186,9 +186,14 @@ def load_model(model_dir: Path, card: ModelCard, device: str):
         state["error_scale"] = torch.ones(arch.channels, arch.image_size, arch.image_size)  # cards before it
     try:
         model = AdversarialAutoencoder(arch)
-        model.load_state_dict(state)
+        keys = model.load_state_dict(state, strict=False)  # wrong shapes still raise
     except Exception as exc:
-        raise UserError(f"{path}: weights do not fit the card's architecture ({first_line(exc, 160)})") from None
+        keys, reason = None, first_line(exc, 160)
+    if keys is not None:
+        names = [f"missing {name}" for name in keys.missing_keys] + [f"unexpected {name}" for name in keys.unexpected_keys]
+        reason = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+    if reason:
+        raise UserError(f"{path}: weights do not fit the card's architecture ({reason})")
     return model
 
 

@@ -41,6 +41,28 @@ def test_train_writes_a_complete_card(model_dir, dataset):
     assert len((model_dir / "validation.txt").read_text().splitlines()) == 12
 
 
+def test_the_default_error_is_scaled_by_the_kept_training_images(model_dir, dataset):
+    """scaled-mse's per-pixel divisor comes from the images the KDE is fitted on, after training."""
+    import torch
+
+    from aadetect.images import find_images, load_images
+    from aadetect.model import residual_scale
+    from aadetect.scoring import Detector
+
+    card = ModelCard.from_yaml((model_dir / "card.yaml").read_text())
+    assert card.error_measure == "scaled-mse" == card.training.settings["error"]
+    left_out = set()
+    for name in ("validation.txt", "rejected.txt"):
+        left_out |= set((model_dir / name).read_text().splitlines())
+    kept = [ref for ref in find_images(dataset["train"]) if ref.name not in left_out]
+    assert len(kept) == card.density.n_codes
+    detector = Detector.load(model_dir, "cpu")
+    pixels = load_images(kept, SIZE, 1)[0]
+    expected = residual_scale(detector.model, pixels, "cpu")
+    assert torch.allclose(detector.model.error_scale, expected, rtol=1e-5, atol=0)
+    assert expected.std() > 0.05 * expected.mean()  # not a constant: pixels differ in how well they are rebuilt
+
+
 def test_score_formats_and_exit_codes(model_dir, dataset):
     good = sorted(dataset["good"].iterdir())
     result = invoke("score", "--model", model_dir, "--format", "jsonl", *good)

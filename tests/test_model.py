@@ -60,3 +60,31 @@ def test_the_adversarial_prior_pulls_codes_towards_a_standard_gaussian():
         return float(codes.mean(0).abs().mean() + (codes.std(0) - 1).abs().mean())  # 0 for N(0, I)
 
     assert code_moments(adversarial=True) < 0.5 * code_moments(adversarial=False)
+
+
+def test_scaled_mse_weighs_each_pixel_by_its_scale():
+    images = torch.zeros(1, 1, 4, 4)
+    scale = torch.ones(1, 4, 4)
+    off_here, off_there = images.clone(), images.clone()
+    off_here[0, 0, 0, 0] = 0.5
+    off_there[0, 0, 3, 3] = 0.5
+    assert reconstruction_error(off_here, images, "scaled-mse", scale) == reconstruction_error(off_here, images, "mse")
+    scale[0, 0, 0], scale[0, 3, 3] = 0.5, 2.0  # (0, 0) is rebuilt well on good images, (3, 3) badly
+    here, there = (reconstruction_error(r, images, "scaled-mse", scale).item() for r in (off_here, off_there))
+    assert here == pytest.approx(16 * there)
+    with pytest.raises(ValueError, match="scale"):
+        reconstruction_error(off_here, images, "scaled-mse")
+
+
+def test_residual_scale_is_the_rms_residual_plus_its_mean():
+    from aadetect.model import residual_scale
+
+    torch.manual_seed(0)
+    model = AdversarialAutoencoder(Architecture.for_images(8, 1, 4)).eval()
+    pixels = torch.randint(0, 256, (10, 1, 8, 8), dtype=torch.uint8)
+    scale = residual_scale(model, pixels, "cpu", batch_size=3)  # batches of 3, 3, 3, 1
+    with torch.no_grad():
+        inputs = pixels.float() / 255
+        rms = (model(inputs)[1] - inputs).square().mean(0).sqrt()
+    assert scale.shape == (1, 8, 8)
+    assert torch.allclose(scale, rms + rms.mean(), rtol=1e-5, atol=0)

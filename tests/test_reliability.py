@@ -216,6 +216,24 @@ class Payload:
         return (os.system, (f"touch {self.marker}",))
 
 
+def test_weights_from_before_the_scaled_error_still_load(model_dir, dataset, tmp_path):
+    import torch
+
+    model = copy_model(model_dir, tmp_path)
+
+    def without_scale(path: Path) -> None:
+        state = torch.load(path, weights_only=True)
+        del state["error_scale"]
+        torch.save(state, path)
+
+    replace_weights(model, without_scale)
+    assert_one_line_error(invoke("score", "--model", model, dataset["good"]), "weights.pt", "error_scale")
+    edit_card(model, lambda card: card.update(error_measure="mse"))  # what every card said before it
+    result = invoke("score", "--model", model, "--format", "jsonl", dataset["good"])
+    assert result.exit_code in (0, 1) and len(jsonl(result.stdout)) == 12
+    assert torch.load(model / "weights.pt", weights_only=True).keys().isdisjoint({"error_scale"})
+
+
 def test_malicious_pickle_is_refused_without_running_it(model_dir, dataset, tmp_path):
     import torch
 
