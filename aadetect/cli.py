@@ -312,8 +312,7 @@ class RowWriter:
             sys.stdout.write(json.dumps(row, ensure_ascii=False) + "\n")
             sys.stdout.flush()
         elif self.format == ScoreFormat.csv:
-            self.csv.writerow({k: ("" if v is None else repr(v) if isinstance(v, float) else v)
-                               for k, v in row.items()})
+            self.csv.writerow({k: csv_cell(v) for k, v in row.items()})
             sys.stdout.flush()
         else:
             self.rows.append(row)
@@ -332,6 +331,15 @@ class RowWriter:
                 table.add_row(Text(row["path"]), f"{row['reconstruction_error']:.6g}", f"{row['log_density']:.6g}",
                               f"{row['score']:.4g}", "yes" if row["anomaly"] else "no", row["reason"])
         stdout_console().print(table)
+
+
+def csv_cell(value) -> str:
+    """As JSON spells it (true, false, full-precision floats), empty for missing."""
+    if value is None:
+        return ""
+    if isinstance(value, (bool, float)):
+        return json.dumps(value)
+    return str(value)
 
 
 def stdout_console():

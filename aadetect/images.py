@@ -84,6 +84,8 @@ def _read_array(path: Path) -> np.ndarray:
         with loaded:
             keys = list(loaded.keys())
             key = next((k for k in ("images", "x", "X", "arr_0") if k in keys), keys[0] if len(keys) == 1 else None)
+            if not keys:
+                raise UserError(f"{path}: holds no arrays")
             if key is None:
                 raise UserError(f"{path}: holds several arrays {keys}; name the images array 'images'")
             try:

@@ -77,6 +77,7 @@ def test_score_formats_and_exit_codes(model_dir, dataset):
     as_csv = invoke("score", "--model", model_dir, "--format", "csv", *good)
     parsed = list(csv.DictReader(io.StringIO(as_csv.stdout)))
     assert [float(r["score"]) for r in parsed] == [r["score"] for r in rows]
+    assert [r["anomaly"] for r in parsed] == [json.dumps(r["anomaly"]) for r in rows]  # true/false, as in JSON
 
     anomalous = invoke("score", "--model", model_dir, "--format", "jsonl", dataset["anomalous"])
     assert anomalous.exit_code == 1

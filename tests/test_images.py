@@ -227,6 +227,12 @@ def test_bad_arrays(tmp_path, array, reason):
             find_images(path)
 
 
+def test_an_npz_without_arrays(tmp_path):
+    np.savez(tmp_path / "empty.npz")
+    with pytest.raises(UserError, match="empty.npz: holds no arrays"):
+        find_images(tmp_path / "empty.npz")
+
+
 def test_float_and_colour_arrays(tmp_path):
     path = tmp_path / "float.npy"
     np.save(path, np.random.default_rng(0).random((3, 10, 10, 3)).astype(np.float32))
