@@ -13,6 +13,7 @@ from typing import Callable, Iterator
 
 
 def _umask() -> int:
+    """The process's umask: there is no getter, so it is set and put back at once."""
     mask = os.umask(0o022)
     os.umask(mask)
     return mask

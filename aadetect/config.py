@@ -18,7 +18,7 @@ class TrainConfig:
     image_size: int = AUTO
     latent_dim: int = 32
     batch_size: int = 64
-    error: str = "scaled-mse"  # better than plain mse on Fashion-MNIST and the demo, even on MNIST (RESULTS.md)
+    error: str = "scaled-mse"  # beat plain mse on Fashion-MNIST and the demo, tied on MNIST (RESULTS.md)
     seed: int = 0
     device: str = "auto"
     learning_rate: float = 1e-3
