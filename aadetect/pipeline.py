@@ -108,8 +108,8 @@ def train_detector(data: str | Path, config: TrainConfig, model_dir: str | Path,
     from aadetect.calibration import Measurements, default_thresholds
     from aadetect.density import KernelDensity
     from aadetect.devices import exact_math, flush_denormals, resolve_device
-    from aadetect.scoring import Detector, sha256_file
     from aadetect.model import residual_scale
+    from aadetect.scoring import Detector, sha256_file
     from aadetect.train import encode_all, train_autoencoder
 
     reporter = reporter or Reporter()

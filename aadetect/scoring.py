@@ -187,13 +187,12 @@ def load_model(model_dir: Path, card: ModelCard, device: str):
     try:
         model = AdversarialAutoencoder(arch)
         keys = model.load_state_dict(state, strict=False)  # wrong shapes still raise
+        problems = [f"missing {name}" for name in keys.missing_keys] + [f"unexpected {name}" for name in keys.unexpected_keys]
     except Exception as exc:
-        keys, reason = None, first_line(exc, 160)
-    if keys is not None:
-        names = [f"missing {name}" for name in keys.missing_keys] + [f"unexpected {name}" for name in keys.unexpected_keys]
-        reason = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
-    if reason:
-        raise UserError(f"{path}: weights do not fit the card's architecture ({reason})")
+        problems = [first_line(exc, 160)]
+    if problems:
+        listed = ", ".join(problems[:3]) + (", ..." if len(problems) > 3 else "")
+        raise UserError(f"{path}: weights do not fit the card's architecture ({listed})")
     return model
 
 
