@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from aadetect.config import ERROR_MEASURES
+from aadetect.config import CODE_RADII, ERROR_MEASURES
 from aadetect.errors import UserError, first_line
 
 FORMAT_VERSION = 2  # 2: reconstruction scale in log units; centres of held-out good images
@@ -73,6 +73,7 @@ class DensityInfo:
     factor: float
     n_codes: int
     file: str
+    radius: str = "linear"  # cards written before the option: the codes as they are
 
 
 @dataclass
@@ -165,6 +166,9 @@ class ModelCard:
         if self.error_measure not in ERROR_MEASURES:
             raise UserError(f"{CARD_FILE}: error_measure must be one of {', '.join(ERROR_MEASURES)}, "
                             f"got {self.error_measure!r:.40}")
+        if self.density.radius not in CODE_RADII:
+            raise UserError(f"{CARD_FILE}: density.radius must be one of {', '.join(CODE_RADII)}, "
+                            f"got {self.density.radius!r:.40}")
 
 
 def _plain(value: Any) -> Any:

@@ -17,7 +17,7 @@ from typing import Annotated, Optional
 import typer
 
 from aadetect import __version__
-from aadetect.config import ERROR_MEASURES, TrainConfig, check_seed
+from aadetect.config import CODE_RADII, ERROR_MEASURES, TrainConfig, check_seed
 from aadetect.errors import UserError
 
 app = typer.Typer(
@@ -52,6 +52,7 @@ class Objective(str, Enum):
 
 
 ErrorMeasure = Enum("ErrorMeasure", {measure: measure for measure in ERROR_MEASURES}, type=str)
+CodeRadius = Enum("CodeRadius", {radius: radius for radius in CODE_RADII}, type=str)
 
 
 ModelOption = Annotated[Path, typer.Option("--model", "-m", envvar="AADETECT_MODEL",
@@ -132,6 +133,9 @@ def train(
                                                      "residual divided by how well good images are rebuilt "
                                                      "there; smooth-mse: of the residual averaged over 3x3 "
                                                      "pixels.")] = ErrorMeasure(TrainConfig.error),
+    code_radius: Annotated[CodeRadius, typer.Option(help="How a code's length enters the latent density. sqrt: "
+                                                         "square-rooted, so the code's direction weighs more; "
+                                                         "linear: as it is.")] = CodeRadius(TrainConfig.code_radius),
     seed: Annotated[int, typer.Option(help="Random seed: same seed, data and device give the same model.")
                     ] = TrainConfig.seed,
     device: DeviceOption = "auto",
@@ -152,7 +156,7 @@ def train(
 ) -> None:
     """Train a detector on a folder of good images and write a model folder with its card."""
     config = TrainConfig(epochs=epochs, image_size=image_size, latent_dim=latent_dim, batch_size=batch_size,
-                         error=error.value, seed=seed, device=device, adversarial=adversarial, robust=robust,
+                         error=error.value, code_radius=code_radius.value, seed=seed, device=device, adversarial=adversarial, robust=robust,
                          strict=strict, memory_limit_mb=memory_limit_mb)
     config.validate()
     from aadetect.pipeline import train_detector

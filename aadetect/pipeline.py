@@ -153,7 +153,7 @@ def train_detector(data: str | Path, config: TrainConfig, model_dir: str | Path,
         if config.error == "scaled-mse":
             model.error_scale.copy_(residual_scale(model, fit_images, device))
     try:
-        density = KernelDensity.fit(codes.double().numpy())
+        density = KernelDensity.fit(codes.double().numpy(), radius=config.code_radius)
     except ValueError as exc:
         raise UserError(f"{data}: cannot fit the density ({exc})") from None
     detector = Detector(model, density, thresholds=None, error_measure=config.error, device=device)
@@ -181,7 +181,7 @@ def train_detector(data: str | Path, config: TrainConfig, model_dir: str | Path,
                                   final_losses={k: float(v) for k, v in result.final_losses.items()},
                                   torch_version=str(torch.__version__)),
             density=DensityInfo(estimator="scipy.stats.gaussian_kde", bandwidth="scott", factor=density.factor,
-                                n_codes=density.n_codes, file=DENSITY_FILE),
+                                radius=density.radius, n_codes=density.n_codes, file=DENSITY_FILE),
             thresholds=thresholds,
             files={name: sha256_file(staging / name) for name in (WEIGHTS_FILE, DENSITY_FILE)},
         )

@@ -206,4 +206,6 @@ def load_density(model_dir: Path, card: ModelCard):
         raise UserError(f"{path}: {exc}") from None
     if density.dim != card.architecture.latent_dim:
         raise UserError(f"{path}: codes have {density.dim} dimensions, the card says {card.architecture.latent_dim}")
+    if density.radius != card.density.radius:
+        raise UserError(f"{path}: the density's code radius is {density.radius}, the card says {card.density.radius}")
     return density
