@@ -72,8 +72,9 @@ def neighbour_distance(codes: torch.Tensor, reference: torch.Tensor, k: int = NE
     Whitening with the reference codes' covariance makes the distance blind to how the encoder
     happens to scale and correlate its dimensions. A hidden bad image has few close neighbours
     among the good codes: even a small cluster of similar bad images is much sparser than the good
-    ones. This is the local density the KDE will see, measured at a scale of k images, so that
-    one near duplicate is not enough to look normal. Large sets are compared with an evenly
+    ones. This is close to the local density the KDE will see (on the codes as they are: training
+    does not depend on --code-radius), measured at a scale of k images, so that one near
+    duplicate is not enough to look normal. Large sets are compared with an evenly
     spread subset of the reference, so the cost per epoch stays linear in the number of images.
     """
     positions = reference.nonzero().flatten()

@@ -34,6 +34,7 @@ def test_train_writes_a_complete_card(model_dir, dataset):
     assert card.training.settings["epochs"] == 3 and card.training.settings["seed"] == 0
     assert card.thresholds.calibrated is False
     assert card.density.n_codes == 108 - card.data.rejected_count
+    assert card.density.radius == "sqrt" == card.training.settings["code_radius"]
     assert len(card.data.sha256) == 64
     assert raw["files"]["weights.pt"] == card.files["weights.pt"]
     # round trip: what we write is what we read

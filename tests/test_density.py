@@ -192,6 +192,49 @@ def test_save_load_round_trip(tmp_path):
     assert KernelDensity.load(path).n_codes == 100
 
 
+def test_sqrt_radius_keeps_direction_and_square_roots_length():
+    import torch
+
+    from aadetect.density import map_radius
+
+    codes = np.array([[3.0, 4.0], [0.0, 0.0], [-0.09, 0.12], [1e-30, 0.0]])
+    mapped = map_radius(codes, "sqrt")
+    np.testing.assert_allclose(np.linalg.norm(mapped, axis=1), np.sqrt([5.0, 0.0, 0.15, 1e-30]), rtol=1e-12)
+    np.testing.assert_allclose(mapped[0] / np.linalg.norm(mapped[0]), [0.6, 0.8], rtol=1e-12)
+    np.testing.assert_allclose(mapped[2] / np.linalg.norm(mapped[2]), [-0.6, 0.8], rtol=1e-12)
+    assert np.all(np.isfinite(mapped)) and not mapped[1].any()  # a zero code stays zero
+    np.testing.assert_allclose(map_radius(torch.from_numpy(codes), "sqrt").numpy(), mapped, rtol=1e-15)
+    assert map_radius(codes, "linear") is codes
+    with pytest.raises(ValueError, match="radius"):
+        map_radius(codes, "log")
+
+
+def test_sqrt_radius_density_is_scipy_on_the_mapped_codes(tmp_path):
+    codes, near, far = _codes_and_queries(400, 6, seed=21)
+    density = KernelDensity.fit(codes, radius="sqrt")
+    assert density.radius == "sqrt"
+    mapped = lambda values: values / np.sqrt(np.linalg.norm(values, axis=1, keepdims=True))
+    queries = np.concatenate([near, far[:30]])
+    expected = _scipy_logpdf(mapped(codes), mapped(queries))
+    np.testing.assert_allclose(density.log_density(queries), expected, rtol=1e-9, atol=0)
+    # it is not the plain estimator: the mapping changes the numbers
+    assert np.abs(KernelDensity.fit(codes).log_density(near) - expected[:len(near)]).max() > 0.1
+    density.save(tmp_path / "density.npz")
+    loaded = KernelDensity.load(tmp_path / "density.npz")
+    assert loaded.radius == "sqrt"
+    np.testing.assert_array_equal(loaded.log_density(queries), density.log_density(queries))
+
+
+def test_density_files_without_a_radius_are_linear(tmp_path):
+    codes, near, _ = _codes_and_queries(200, 3, seed=2)
+    old = KernelDensity.fit(codes, radius="sqrt").state_dict()
+    del old["radius"]  # what files written before the option hold
+    np.savez(tmp_path / "old.npz", **old)
+    loaded = KernelDensity.load(tmp_path / "old.npz")
+    assert loaded.radius == "linear"
+    np.testing.assert_allclose(loaded.log_density(near), _scipy_logpdf(loaded.codes, near), rtol=1e-9)
+
+
 def _write_state(path: Path, **overrides) -> Path:
     codes, _, _ = _codes_and_queries(50, 3, seed=1)
     state = KernelDensity.fit(codes).state_dict()
@@ -214,6 +257,8 @@ def _write_state(path: Path, **overrides) -> Path:
         ({"factor": np.array(np.nan)}, "factor"),
         ({"factor": np.array([0.5, 0.5])}, "factor"),
         ({"covariance": None}, "missing covariance"),
+        ({"radius": np.array("log")}, "radius must be one of sqrt, linear"),
+        ({"radius": np.array(["sqrt", "sqrt"])}, "radius"),
     ],
 )
 def test_load_rejects_invalid_files(tmp_path, overrides, reason):

@@ -156,6 +156,7 @@ def test_closed_stdin_and_bugs_never_exit_1(model_dir, monkeypatch):
     (lambda card: card.update(format_version=99), "unknown card format_version 99"),
     (lambda card: card["architecture"].update(latent_dim="16"), "architecture.latent_dim must be int"),
     (lambda card: card.update(error_measure="ssim"), "error_measure must be one of"),
+    (lambda card: card["density"].update(radius="log"), "density.radius must be one of"),
 ])
 def test_damaged_card_is_refused(model_dir, dataset, tmp_path, change, fragment):
     model = copy_model(model_dir, tmp_path)
@@ -232,6 +233,25 @@ def test_weights_from_before_the_scaled_error_still_load(model_dir, dataset, tmp
     result = invoke("score", "--model", model, "--format", "jsonl", dataset["good"])
     assert result.exit_code in (0, 1) and len(jsonl(result.stdout)) == 12
     assert torch.load(model / "weights.pt", weights_only=True).keys().isdisjoint({"error_scale"})
+
+
+def test_models_from_before_the_code_radius_score_as_linear(dataset, tmp_path):
+    """Density files and cards without a radius are read as "linear"; a card and file that disagree are refused."""
+    model = tmp_path / "linear"
+    assert invoke("train", dataset["train"], "--out", model, "--code-radius", "linear", *TRAIN_ARGS).exit_code == 0
+    card = ModelCard.from_yaml((model / "card.yaml").read_text())
+    assert card.density.radius == "linear" == card.training.settings["code_radius"]
+    scored = invoke("score", "--model", model, "--format", "jsonl", dataset["anomalous"]).stdout
+
+    with np.load(model / "density.npz") as archive:
+        state = {key: archive[key] for key in archive.files if key != "radius"}
+    np.savez(model / "density.npz", **state)
+    edit_card(model, lambda card: (card["density"].pop("radius"), card["training"]["settings"].pop("code_radius"),
+                                   card["files"].update({"density.npz": sha256_file(model / "density.npz")})))
+    assert invoke("score", "--model", model, "--format", "jsonl", dataset["anomalous"]).stdout == scored
+
+    edit_card(model, lambda card: card["density"].update(radius="sqrt"))
+    assert_one_line_error(invoke("score", "--model", model, dataset["good"]), "density.npz", "radius is linear")
 
 
 def test_malicious_pickle_is_refused_without_running_it(model_dir, dataset, tmp_path):
