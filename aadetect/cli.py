@@ -156,8 +156,8 @@ def train(
 ) -> None:
     """Train a detector on a folder of good images and write a model folder with its card."""
     config = TrainConfig(epochs=epochs, image_size=image_size, latent_dim=latent_dim, batch_size=batch_size,
-                         error=error.value, code_radius=code_radius.value, seed=seed, device=device, adversarial=adversarial, robust=robust,
-                         strict=strict, memory_limit_mb=memory_limit_mb)
+                         error=error.value, code_radius=code_radius.value, seed=seed, device=device,
+                         adversarial=adversarial, robust=robust, strict=strict, memory_limit_mb=memory_limit_mb)
     config.validate()
     from aadetect.pipeline import train_detector
 

@@ -53,22 +53,22 @@ UNDERFLOW = 1e-200  # a direct sum this small is redone with a max-shifted logsu
 
 
 def map_radius(codes, radius: str):
-    """Codes as the KDE sees them: "linear" keeps them, "sqrt" square-roots each one's length.
+    """Codes (a float64 torch tensor, (n, d)) as the KDE sees them: "linear" keeps them, "sqrt"
+    square-roots each one's length.
 
-    Works on numpy arrays and torch tensors, row by row, so a code maps the same in any batch.
-    A zero code stays zero.
+    Row by row, so a code maps the same in any batch; fitting and queries share this one path,
+    so a training code queried again lands exactly on its kernel. A zero code stays zero.
     """
     if radius == "linear":
         return codes
     if radius != "sqrt":
         raise ValueError(f"radius must be one of {', '.join(CODE_RADII)}, got {radius!r}")
-    if isinstance(codes, np.ndarray):
-        length = np.sqrt(np.square(codes).sum(axis=1, keepdims=True))
-        return codes / np.sqrt(np.maximum(length, np.finfo(codes.dtype).tiny))
     import torch
 
-    length = codes.square().sum(1, keepdim=True).sqrt()
-    return codes / length.clamp_min(torch.finfo(codes.dtype).tiny).sqrt()
+    tiny = torch.finfo(codes.dtype).tiny
+    largest = codes.abs().amax(dim=1, keepdim=True).clamp_min(tiny)  # scaled, so 1e200 neither overflows
+    length = largest * (codes / largest).square().sum(dim=1, keepdim=True).sqrt()  # nor 1e-200 underflows
+    return codes / length.clamp_min(tiny).sqrt()
 
 
 @contextmanager
@@ -268,9 +268,14 @@ class KernelDensity:
         """Fit with ``scipy.stats.gaussian_kde(map_radius(codes, radius).T, bw_method=bandwidth)``.
 
         ``bandwidth``: "scott", "silverman" or a positive number (also as a string), which
-        scipy uses directly as the bandwidth factor.
+        scipy uses directly as the bandwidth factor. ``radius`` is "linear" here, scipy's own
+        estimator; `train` passes ``TrainConfig.code_radius`` ("sqrt" by default).
         """
-        codes = map_radius(_checked_codes(np.asarray(codes, dtype=np.float64)), radius)
+        codes = _checked_codes(np.asarray(codes, dtype=np.float64))
+        if radius != "linear":
+            import torch
+
+            codes = map_radius(torch.from_numpy(codes), radius).numpy()
         n, d = codes.shape
         bw_method = _parse_bandwidth(bandwidth)
 
@@ -446,9 +451,11 @@ class KernelDensity:
         if not math.isfinite(factor_value) or factor_value <= 0.0:
             raise ValueError(f"density factor must be a positive finite number, got {factor_value!r}")
         radius = np.asarray(state.get("radius", "linear"))  # files written before the option: linear
-        if radius.ndim != 0 or radius.dtype.kind != "U" or str(radius.item()) not in CODE_RADII:
-            raise ValueError(f"density radius must be one of {', '.join(CODE_RADII)}")
-        return cls(codes, covariance, bandwidth_str, factor_value, str(radius.item()))
+        radius_str = str(radius.item() if radius.dtype.kind != "S" else radius.item().decode(errors="replace")
+                         ) if radius.ndim == 0 else repr(radius.tolist())
+        if radius_str not in CODE_RADII:
+            raise ValueError(f"density radius must be one of {', '.join(CODE_RADII)}, got {radius_str[:40]!r}")
+        return cls(codes, covariance, bandwidth_str, factor_value, radius_str)
 
     def save(self, path: Path) -> None:
         """Write an ``.npz`` (no pickles) atomically: a temp file beside ``path``, then os.replace."""

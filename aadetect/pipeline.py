@@ -124,7 +124,9 @@ def train_detector(data: str | Path, config: TrainConfig, model_dir: str | Path,
     data_sha256 = fingerprint(refs, data)
     arch = Architecture.for_images(size, channels, config.latent_dim)
     checkpoint_file = checkpoint_path(model_dir)
-    identity = {"settings": dataclasses.asdict(config), "data_sha256": data_sha256, "device": device}
+    # what the networks depend on: the code radius only shapes the KDE fitted after training
+    training_settings = {k: v for k, v in dataclasses.asdict(config).items() if k != "code_radius"}
+    identity = {"settings": training_settings, "data_sha256": data_sha256, "device": device}
     resume_from = _read_checkpoint(checkpoint_file, identity) if resume else None
 
     def save_checkpoint(state: dict) -> None:

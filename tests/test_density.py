@@ -197,13 +197,14 @@ def test_sqrt_radius_keeps_direction_and_square_roots_length():
 
     from aadetect.density import map_radius
 
-    codes = np.array([[3.0, 4.0], [0.0, 0.0], [-0.09, 0.12], [1e-30, 0.0]])
-    mapped = map_radius(codes, "sqrt")
-    np.testing.assert_allclose(np.linalg.norm(mapped, axis=1), np.sqrt([5.0, 0.0, 0.15, 1e-30]), rtol=1e-12)
+    codes = torch.tensor([[3.0, 4.0], [0.0, 0.0], [-0.09, 0.12], [1e-200, 0.0], [0.0, -1e200]], dtype=torch.float64)
+    mapped = map_radius(codes, "sqrt").numpy()
+    np.testing.assert_allclose(np.abs(mapped).max(axis=1), [0.8 * 5 ** 0.5, 0.0, 0.8 * 0.15 ** 0.5, 1e-100, 1e100],
+                               rtol=1e-12)
     np.testing.assert_allclose(mapped[0] / np.linalg.norm(mapped[0]), [0.6, 0.8], rtol=1e-12)
     np.testing.assert_allclose(mapped[2] / np.linalg.norm(mapped[2]), [-0.6, 0.8], rtol=1e-12)
     assert np.all(np.isfinite(mapped)) and not mapped[1].any()  # a zero code stays zero
-    np.testing.assert_allclose(map_radius(torch.from_numpy(codes), "sqrt").numpy(), mapped, rtol=1e-15)
+    assert mapped[4, 1] < 0 and mapped[3, 0] > 0
     assert map_radius(codes, "linear") is codes
     with pytest.raises(ValueError, match="radius"):
         map_radius(codes, "log")
@@ -259,6 +260,7 @@ def _write_state(path: Path, **overrides) -> Path:
         ({"covariance": None}, "missing covariance"),
         ({"radius": np.array("log")}, "radius must be one of sqrt, linear"),
         ({"radius": np.array(["sqrt", "sqrt"])}, "radius"),
+        ({"radius": np.array(b"log")}, "got 'log'"),
     ],
 )
 def test_load_rejects_invalid_files(tmp_path, overrides, reason):
