@@ -32,8 +32,6 @@ from __future__ import annotations
 import math
 import threading
 import zipfile
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +39,7 @@ import numpy as np
 
 from aadetect.atomic import write_atomic
 from aadetect.config import CODE_RADII
+from aadetect.parallel import piece_pool
 
 __all__ = ["KernelDensity", "map_radius"]
 
@@ -69,34 +68,6 @@ def map_radius(codes, radius: str):
     largest = codes.abs().amax(dim=1, keepdim=True).clamp_min(tiny)  # scaled, so 1e200 neither overflows
     length = largest * (codes / largest).square().sum(dim=1, keepdim=True).sqrt()  # nor 1e-200 underflows
     return codes / length.clamp_min(tiny).sqrt()
-
-
-@contextmanager
-def _tile_workers(device):
-    """Yield how many threads evaluate query tiles in parallel (1 off the CPU).
-
-    Each tile runs on one thread: a tile is too small to gain from intra-op threads, and
-    waking those on every tiny op costs more than the work (badly so on a busy machine).
-    Whole tiles go to the threads instead, so a query's value never depends on how many
-    there are.
-    """
-    import torch
-
-    threads = torch.get_num_threads()
-    if device.type != "cpu" or threads == 1:
-        yield 1
-        return
-    torch.set_num_threads(1)
-    try:
-        yield threads
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _one_thread_per_worker() -> None:
-    import torch
-
-    torch.set_num_threads(1)  # this thread's own OpenMP team, besides the global setting
 
 
 def _parse_bandwidth(bandwidth: Any) -> str | float:
@@ -367,7 +338,7 @@ class KernelDensity:
         if not bool(torch.isfinite(q).all()):
             raise ValueError("queries contain NaN or infinite values")
         q = map_radius(q, self._radius)
-        with torch.inference_mode(), _tile_workers(q.device) as workers:
+        with torch.inference_mode(), piece_pool(q.device) as (pool, _):
             chol, center, codes = self._device_state(q.device)
             whitened = torch.linalg.solve_triangular(chol, (q - center).T, upper=False).T  # (m, d)
             augmented = torch.cat([whitened, -0.5 * whitened.square().sum(1, keepdim=True),
@@ -386,12 +357,7 @@ class KernelDensity:
                     block = augmented[start:start + query_tile]
                     out[start:start + query_tile] = _log_sum_kernels(block, codes, code_tile, scratch.tile)
 
-            if workers > 1 and len(starts) > 1:
-                with ThreadPoolExecutor(min(workers, len(starts)), initializer=_one_thread_per_worker) as pool:
-                    list(pool.map(evaluate, starts))  # list() re-raises a worker's exception here
-            else:
-                for start in starts:
-                    evaluate(start)
+            list((pool.map if len(starts) > 1 else map)(evaluate, starts))  # re-raises a worker's exception
             return (out - self._log_norm).cpu().numpy()
 
     # ----------------------------------------------------------- persistence

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -17,6 +18,7 @@ import numpy as np
 from aadetect.card import DENSITY_FILE, WEIGHTS_FILE, ModelCard, Thresholds, read_card
 from aadetect.errors import UserError, first_line
 from aadetect.images import ImageRef, iterate_batches, materialize
+from aadetect.parallel import piece_pool
 
 # Every forward pass sees a batch of exactly this many images (the last one padded), so an
 # image gets bit-identical numbers whether it is scored alone or inside a large folder.
@@ -83,27 +85,28 @@ class Detector:
 
     def measure(self, pixels) -> tuple[np.ndarray, np.ndarray]:
         """Reconstruction error and KDE log-density for uint8 images (N, C, S, S)."""
+        starts = range(0, len(pixels), SCORE_BATCH)
+        with piece_pool(self.device) as (pool, _):
+            return _joined(list(pool.map(lambda start: self._measure_batch(pixels[start:start + SCORE_BATCH]),
+                                         starts)))
+
+    def _measure_batch(self, pixels) -> tuple[np.ndarray, np.ndarray]:
+        """One forward pass, on exactly SCORE_BATCH images (the last batch padded with black ones)."""
         import torch
 
         from aadetect.devices import exact_math
         from aadetect.model import reconstruction_error, to_input
 
-        errors, densities = [], []
-        with torch.inference_mode(), exact_math(self.device):
-            for start in range(0, len(pixels), SCORE_BATCH):
-                chunk = materialize(pixels[start:start + SCORE_BATCH])
-                count = len(chunk)
-                if count < SCORE_BATCH:
-                    chunk = torch.cat([chunk, chunk.new_zeros((SCORE_BATCH - count, *chunk.shape[1:]))])
-                images = to_input(chunk, self.device)
-                codes, reconstruction = self.model(images)
-                errors.append(reconstruction_error(reconstruction, images, self.error_measure,
-                                                   self.model.error_scale)[:count].double().cpu())
-                densities.append(torch.from_numpy(
-                    self.density.log_density(codes.double(), device=self.device)[:count]))
-        if not errors:
-            return np.empty(0), np.empty(0)
-        return torch.cat(errors).numpy(), torch.cat(densities).numpy()
+        with torch.inference_mode(), exact_math(self.device):  # thread-local: entered in the worker
+            chunk = materialize(pixels)
+            count = len(chunk)
+            if count < SCORE_BATCH:
+                chunk = torch.cat([chunk, chunk.new_zeros((SCORE_BATCH - count, *chunk.shape[1:]))])
+            images = to_input(chunk, self.device)
+            codes, reconstruction = self.model(images)
+            errors = reconstruction_error(reconstruction, images, self.error_measure, self.model.error_scale)
+            return (errors[:count].double().cpu().numpy(),
+                    self.density.log_density(codes.double(), device=self.device)[:count])
 
     def score(self, pixels) -> Scores:
         return decide(*self.measure(pixels), self.thresholds)
@@ -116,19 +119,41 @@ class Detector:
 
     def score_images(self, refs: list[ImageRef], *, workers: int | None = None
                      ) -> Iterator[tuple[ImageRef, dict | None, str | None]]:
-        """Stream (ref, numbers, error) in input order; decoding runs in worker processes for big inputs."""
+        """Stream (ref, numbers, error) in input order.
+
+        This thread decodes (worker processes do for big inputs where there are cores to spare)
+        while the pool measures the batches decoded before, a few ahead, so memory stays flat.
+        Until the stream ends, torch runs on one thread in this thread too (see `piece_pool`).
+        """
         on_gpu = str(self.device).startswith("cuda")
         batch_size = 4 * SCORE_BATCH
         if workers is None:
             workers = decoding_workers(len(refs), batch_size, on_gpu)
-        for batch in iterate_batches(refs, self.image_size, self.channels, batch_size=batch_size,
-                                     workers=workers, pin_memory=on_gpu):
-            rows: dict[int, tuple[dict | None, str | None]] = {i: (None, message) for i, message in batch.errors}
-            if batch.pixels is not None:
-                scores = self.score(batch.pixels)
-                rows.update((index, (scores.row(k), None)) for k, index in enumerate(batch.indices))
-            for index in sorted(rows):
-                yield refs[index], *rows[index]
+        with piece_pool(self.device) as (pool, threads):
+            pending: deque = deque()  # (batch, futures), oldest first
+            for batch in iterate_batches(refs, self.image_size, self.channels, batch_size=batch_size,
+                                         workers=workers, pin_memory=on_gpu):
+                pixels = batch.pixels if batch.pixels is not None else ()
+                pending.append((batch, [pool.submit(self._measure_batch, pixels[start:start + SCORE_BATCH])
+                                        for start in range(0, len(pixels), SCORE_BATCH)]))
+                while sum(len(futures) for _, futures in pending) > 2 * threads:
+                    yield from self._rows(refs, *pending.popleft())
+            while pending:
+                yield from self._rows(refs, *pending.popleft())
+
+    def _rows(self, refs: list[ImageRef], batch, futures: list) -> Iterator[tuple[ImageRef, dict | None, str | None]]:
+        rows: dict[int, tuple[dict | None, str | None]] = {i: (None, message) for i, message in batch.errors}
+        if futures:
+            scores = decide(*_joined([future.result() for future in futures]), self.thresholds)
+            rows.update((index, (scores.row(k), None)) for k, index in enumerate(batch.indices))
+        for index in sorted(rows):
+            yield refs[index], *rows[index]
+
+
+def _joined(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    if not parts:
+        return np.empty(0), np.empty(0)
+    return np.concatenate([errors for errors, _ in parts]), np.concatenate([densities for _, densities in parts])
 
 
 def decoding_workers(count: int, batch_size: int, on_gpu: bool) -> int:

@@ -12,7 +12,7 @@ import yaml
 
 from aadetect.card import ModelCard
 from aadetect.metrics import auroc
-from conftest import SIZE, TRAIN_ARGS, blob_images, invoke, jsonl
+from conftest import SIZE, TRAIN_ARGS, blob_images, invoke, jsonl, write_pngs
 
 
 def test_help_and_version():
@@ -288,6 +288,47 @@ def test_single_image_scores_equal_batch_scores(model_dir, dataset):
     batch = jsonl(invoke("score", "--model", model_dir, "--format", "jsonl", dataset["anomalous"]).stdout)
     alone = jsonl(invoke("score", "--model", model_dir, "--format", "jsonl", batch[5]["path"]).stdout)
     assert alone[0] == batch[5]
+
+
+def test_scores_do_not_depend_on_the_thread_count(tmp_path):
+    """Each batch of images runs on one thread, whole batches go to the threads: the same bits on any machine.
+
+    64x64 colour images, where one batch on two threads gave other bits than on one.
+    """
+    import torch
+
+    from aadetect.card import Thresholds
+    from aadetect.config import Architecture
+    from aadetect.density import KernelDensity
+    from aadetect.images import find_images
+    from aadetect.model import AdversarialAutoencoder
+    from aadetect.scoring import Detector
+
+    torch.manual_seed(0)
+    model = AdversarialAutoencoder(Architecture.for_images(64, 3, 8)).eval()
+    rng = np.random.default_rng(0)
+    pixels = torch.from_numpy(rng.integers(0, 256, (70, 3, 64, 64), dtype=np.uint8))  # three batches
+    write_pngs(tmp_path / "images", pixels.permute(0, 2, 3, 1).numpy())
+    with torch.inference_mode():
+        codes, _ = model(pixels.float() / 255)
+    density = KernelDensity.fit(codes.double().numpy(), radius="sqrt")
+    thresholds = Thresholds(1.0, 0.0, 1.0, 1.0, 1.0, 0.0, calibrated=False, method="test")
+    detector = Detector(model, density, thresholds, "mse", "cpu")
+    refs = find_images(tmp_path / "images")
+    before, runs = torch.get_num_threads(), []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            runs.append((detector.measure(pixels), [row for _, row, _ in detector.score_images(refs)]))
+            assert torch.get_num_threads() == threads  # given back as it was
+    finally:
+        torch.set_num_threads(before)
+    (errors, densities), rows = runs[0]
+    assert [row["reconstruction_error"] for row in rows] == errors.tolist()
+    assert [row["log_density"] for row in rows] == densities.tolist()
+    for (other_errors, other_densities), other_rows in runs[1:]:
+        assert other_errors.tobytes() == errors.tobytes() and other_densities.tobytes() == densities.tobytes()
+        assert other_rows == rows
 
 
 @pytest.mark.parametrize("args, message", [
