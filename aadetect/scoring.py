@@ -159,10 +159,10 @@ def _joined(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.
 def decoding_workers(count: int, batch_size: int, on_gpu: bool) -> int:
     """Decoding processes for scoring `count` images.
 
-    On the CPU the model needs the cores too: on two cores, worker processes cost more than
-    they gave (streaming at 64-69% of the model's own speed with one or two, 68-75% decoding
-    in this process; a decoding thread gave 68%), so processes start at three cores, two at
-    most. On a GPU decoding is the limit, so up to eight.
+    On the CPU the model needs the cores too: on two cores, worker processes gained nothing
+    (with one batch per thread, 69-70% of the model's own speed with one or two of them,
+    69% decoding in this process), so processes start at three cores, two at most. On a GPU
+    decoding is the limit, so up to eight.
     """
     if count < 4 * batch_size:
         return 0
