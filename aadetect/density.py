@@ -417,8 +417,12 @@ class KernelDensity:
         if not math.isfinite(factor_value) or factor_value <= 0.0:
             raise ValueError(f"density factor must be a positive finite number, got {factor_value!r}")
         radius = np.asarray(state.get("radius", "linear"))  # files written before the option: linear
-        radius_str = str(radius.item() if radius.dtype.kind != "S" else radius.item().decode(errors="replace")
-                         ) if radius.ndim == 0 else repr(radius.tolist())
+        if radius.ndim != 0:
+            radius_str = repr(radius.tolist())
+        elif radius.dtype.kind == "S":
+            radius_str = radius.item().decode(errors="replace")
+        else:
+            radius_str = str(radius.item())
         if radius_str not in CODE_RADII:
             raise ValueError(f"density radius must be one of {', '.join(CODE_RADII)}, got {radius_str[:40]!r}")
         return cls(codes, covariance, bandwidth_str, factor_value, radius_str)
