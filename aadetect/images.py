@@ -69,13 +69,20 @@ def _walk_images(root: Path) -> list[Path]:
     return sorted(found)
 
 
-_ARRAY_CACHE: dict[Path, np.ndarray] = {}
+_ARRAY_CACHE: dict[Path, tuple[tuple, np.ndarray]] = {}  # path -> (its file's stamp, the checked array)
 
 
 def _read_array(path: Path) -> np.ndarray:
-    """Load and check a (N,H,W) or (N,H,W,C) image array once per process."""
-    if path in _ARRAY_CACHE:
-        return _ARRAY_CACHE[path]
+    """Load and check a (N,H,W) or (N,H,W,C) image array once per version of the file: one rewritten
+    since (in a notebook, say) is read afresh, never served from the old copy."""
+    try:
+        info = path.stat()
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    stamp = (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
+    cached = _ARRAY_CACHE.get(path)
+    if cached is not None and cached[0] == stamp:
+        return cached[1]
     try:
         loaded = np.load(path, allow_pickle=False, mmap_mode="r" if path.suffix.lower() == ".npy" else None)
     except Exception as exc:  # numpy raises many types for bad files
@@ -106,7 +113,7 @@ def _read_array(path: Path) -> np.ndarray:
     problem = out_of_range(array)
     if problem:
         raise UserError(f"{path}: {problem}")
-    _ARRAY_CACHE[path] = array
+    _ARRAY_CACHE[path] = (stamp, array)
     return array
 
 
@@ -160,7 +167,10 @@ def decode(ref: ImageRef, size: int, channels: int) -> np.ndarray:
     from PIL import Image
 
     if ref.index is not None:
-        pixels = to_uint8(np.asarray(_read_array(ref.path)[ref.index]))
+        array = _read_array(ref.path)
+        if ref.index >= len(array):
+            raise UserError(f"{ref.name}: no such image (the array now holds {len(array)})")
+        pixels = to_uint8(np.asarray(array[ref.index]))
         if pixels.ndim == 3 and pixels.shape[-1] == 1:
             pixels = pixels[..., 0]
         image = Image.fromarray(np.ascontiguousarray(pixels[..., :3]) if pixels.ndim == 3 else pixels)

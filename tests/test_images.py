@@ -63,6 +63,19 @@ def test_deep_pixels_scale_by_type_never_by_the_brightest_pixel(tmp_path):
     assert decode(find_images(tmp_path / "ints.npy")[0], 8, 1)[0, 4, 4] == 128
 
 
+@pytest.mark.parametrize("suffix", [".npy", ".npz"])
+def test_an_array_file_rewritten_in_the_same_process_is_read_afresh(tmp_path, suffix):
+    path = tmp_path / f"images{suffix}"
+    save = (lambda a: np.save(path, a)) if suffix == ".npy" else (lambda a: np.savez(path, images=a))
+    save(np.zeros((5, 8, 8), np.uint8))
+    old_refs = find_images(path)
+    assert len(old_refs) == 5 and decode(old_refs[4], 8, 1).max() == 0
+    save(np.full((3, 8, 8), 200, np.uint8))
+    assert len(find_images(path)) == 3 and decode(find_images(path)[0], 8, 1).max() == 200
+    with pytest.raises(UserError, match=r"images\.np.\[4\]: no such image \(the array now holds 3\)"):
+        decode(old_refs[4], 8, 1)
+
+
 def test_byte_order_and_32_bit_integer_images_follow_the_type_rules(tmp_path):
     """Big-endian 16-bit data is 16-bit data; a 32-bit integer TIFF of 0-255 values is not."""
     deep = (gradient().astype(np.uint16) * 257)
