@@ -22,15 +22,3 @@ def test_train_and_score_on_cuda_agree_with_cpu_scoring(dataset, tmp_path):
     for gpu, cpu in zip(on_gpu, on_cpu, strict=True):
         assert gpu["reconstruction_error"] == pytest.approx(cpu["reconstruction_error"], rel=1e-3, abs=1e-6)
         assert gpu["log_density"] == pytest.approx(cpu["log_density"], rel=1e-3, abs=1e-3)
-
-
-@pytest.mark.parametrize("radius", ["linear", "sqrt"])
-def test_kde_on_cuda_matches_cpu(radius):
-    import numpy as np
-
-    from aadetect.density import KernelDensity
-
-    rng = np.random.default_rng(0)
-    density = KernelDensity.fit(rng.standard_normal((2000, 16)), radius=radius)
-    queries = rng.standard_normal((300, 16)) * 2
-    assert np.allclose(density.log_density(queries, device="cuda"), density.log_density(queries), rtol=1e-9)

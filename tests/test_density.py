@@ -321,13 +321,14 @@ def test_import_does_not_load_torch_or_scipy():
     assert result.stdout.strip() == "", f"importing aadetect.density loaded {result.stdout.strip()}"
 
 
-def test_cuda_matches_cpu():
+@pytest.mark.parametrize("radius", ["linear", "sqrt"])
+def test_cuda_matches_cpu(radius):
     torch = pytest.importorskip("torch")
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")
     codes, near, far = _codes_and_queries(500, 16, seed=17)
     queries = np.concatenate([near, far])
-    density = KernelDensity.fit(codes)
+    density = KernelDensity.fit(codes, radius=radius)
     np.testing.assert_allclose(
         density.log_density(queries, device="cuda"), density.log_density(queries), rtol=1e-12, atol=0
     )
