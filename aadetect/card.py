@@ -147,27 +147,27 @@ class ModelCard:
             raise UserError(f"{source}: unknown card format_version {version!r} (this aadetect reads "
                             f"{FORMAT_VERSION}; retrain the model with this version)")
         card = _build(cls, data, source, "")
-        card.check()
+        card.check(source)
         return card
 
-    def check(self) -> None:
+    def check(self, source: str = CARD_FILE) -> None:
         """Values that parse but cannot work."""
         for name in ("reconstruction", "density", "reconstruction_scale", "density_scale", "reconstruction_centre",
                      "density_centre"):
             value = getattr(self.thresholds, name)
             if not math.isfinite(value):
-                raise UserError(f"{CARD_FILE}: thresholds.{name} is not a finite number ({value})")
+                raise UserError(f"{source}: thresholds.{name} is not a finite number ({value})")
         if self.thresholds.reconstruction_scale <= 0 or self.thresholds.density_scale <= 0:
-            raise UserError(f"{CARD_FILE}: threshold scales must be positive")
+            raise UserError(f"{source}: threshold scales must be positive")
         if self.thresholds.reconstruction <= 0 or self.thresholds.reconstruction_centre <= 0:
-            raise UserError(f"{CARD_FILE}: thresholds.reconstruction and reconstruction_centre must be positive")
+            raise UserError(f"{source}: thresholds.reconstruction and reconstruction_centre must be positive")
         if self.preprocessing.channels not in (1, 3):
-            raise UserError(f"{CARD_FILE}: preprocessing.channels must be 1 or 3")
+            raise UserError(f"{source}: preprocessing.channels must be 1 or 3")
         if self.error_measure not in ERROR_MEASURES:
-            raise UserError(f"{CARD_FILE}: error_measure must be one of {', '.join(ERROR_MEASURES)}, "
+            raise UserError(f"{source}: error_measure must be one of {', '.join(ERROR_MEASURES)}, "
                             f"got {self.error_measure!r:.40}")
         if self.density.radius not in CODE_RADII:
-            raise UserError(f"{CARD_FILE}: density.radius must be one of {', '.join(CODE_RADII)}, "
+            raise UserError(f"{source}: density.radius must be one of {', '.join(CODE_RADII)}, "
                             f"got {self.density.radius!r:.40}")
 
 

@@ -18,6 +18,7 @@ import typer
 
 from aadetect import __version__
 from aadetect.config import CODE_RADII, ERROR_MEASURES, TrainConfig, check_seed
+from aadetect.demo import DEMO_EPOCHS, DEMO_TRAIN_IMAGES
 from aadetect.errors import UserError
 
 app = typer.Typer(
@@ -230,10 +231,9 @@ def score(
         else:
             ref, row, error = next(results)
             ref_name = ref.name
-        if error is not None:
+        if error is not None:  # said even with --quiet: it decides the exit status
             unreadable = True
-            if not quiet:
-                say(f"aadetect: error: {error}")
+            say(f"aadetect: error: {error}")
         anomalous |= bool(row and row["anomaly"])
         writer.write({"path": ref_name, **(row or {}), "error": error})
     writer.close()
@@ -256,6 +256,8 @@ def evaluate(
     report = evaluate_detector(model, good, anomalous, device=device, reporter=reporter_for(quiet))
     print_report(report, format)
     if report["unreadable"]:  # measured on the rest, but the input was not all usable: like `score`
+        count = len(report["unreadable"])
+        say(f"aadetect: error: {count} unreadable image{'s' if count > 1 else ''} (first: {report['unreadable'][0]})")
         raise typer.Exit(EXIT_USAGE)
 
 
@@ -265,8 +267,9 @@ def demo(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the demo's images and model.")]
         = Path("aadetect-demo"),
     seed: Annotated[int, typer.Option(help="Seed for the generated images and the training.")] = 0,
-    epochs: Annotated[int, typer.Option(help="Most training epochs.")] = 20,
-    train_images: Annotated[int, typer.Option(help="How many good cell images to generate for training.")] = 1500,
+    epochs: Annotated[int, typer.Option(help="Most training epochs.")] = DEMO_EPOCHS,
+    train_images: Annotated[int, typer.Option(help="How many good cell images to generate for training.")
+                            ] = DEMO_TRAIN_IMAGES,
     format: Annotated[ReportFormat, typer.Option("--format", "-f", help="Output format.")] = ReportFormat.table,
     quiet: QuietOption = False,
 ) -> None:

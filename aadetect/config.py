@@ -52,11 +52,11 @@ class TrainConfig:
             raise UserError(f"--code-radius must be one of {', '.join(CODE_RADII)}, got {self.code_radius!r}")
         if not 0.0 < self.validation_fraction < 0.5:
             raise UserError(f"validation fraction must be in (0, 0.5), got {self.validation_fraction}")
-        check_fraction("--target-fpr", self.target_fpr)
+        check_fraction("the default thresholds' target FPR", self.target_fpr)  # not a train option
         if self.memory_limit_mb < 0:
             raise UserError(f"--memory-limit-mb must not be negative, got {self.memory_limit_mb}")
         if self.learning_rate <= 0:
-            raise UserError(f"--learning-rate must be positive, got {self.learning_rate}")
+            raise UserError(f"the learning rate must be positive, got {self.learning_rate}")
 
 
 @dataclass(frozen=True)

@@ -24,11 +24,13 @@ def run_demo(out: str | Path, *, seed: int = 0, epochs: int = DEMO_EPOCHS, train
     from aadetect.synthetic import write_demo_dataset
 
     reporter = reporter or Reporter()
+    config = demo_config(seed, epochs)
+    config.validate()  # before any image is written
     out = Path(out)
     folders = write_demo_dataset(out / "data", seed=seed, size=DEMO_IMAGE_SIZE, n_train=train_images)
     reporter.info(f"demo images written under {out / 'data'}")
     model_dir = out / "model"
-    train_detector(folders["train"], demo_config(seed, epochs), model_dir, reporter=reporter)
+    train_detector(folders["train"], config, model_dir, reporter=reporter)
     calibrate_detector(model_dir, folders["calibrate_good"], folders["calibrate_anomalous"], device="cpu",
                        reporter=reporter)
     report = evaluate_detector(model_dir, folders["test_good"], folders["test_anomalous"], device="cpu",

@@ -20,8 +20,10 @@ from aadetect.config import AUTO, Architecture, TrainConfig, check_fraction
 from aadetect.errors import UserError, first_line
 from aadetect.images import ImageRef, ImagesOnDisk, choose_image_size, find_images, image_mode, load_images
 from aadetect.progress import Reporter
+from aadetect.scoring import sha256_file
 
 MIN_TRAIN_IMAGES = 10
+FEW_HELD_OUT = 20  # below this many held-out images, the default thresholds are rough: say so
 
 
 def now() -> str:
@@ -61,7 +63,7 @@ def fingerprint(refs: list[ImageRef], root: Path) -> str:
     base = root if root.is_dir() else root.parent
     for path in sorted({ref.path for ref in refs}):
         digest.update(str(path.relative_to(base)).encode("utf-8", "surrogateescape") + b"\0")
-        digest.update(hashlib.sha256(path.read_bytes()).digest())
+        digest.update(bytes.fromhex(sha256_file(path)))  # streamed: an array file may be larger than memory
     return digest.hexdigest()
 
 
@@ -109,8 +111,8 @@ def train_detector(data: str | Path, config: TrainConfig, model_dir: str | Path,
     from aadetect.density import KernelDensity
     from aadetect.devices import exact_math, flush_denormals, resolve_device
     from aadetect.model import residual_scale
-    from aadetect.scoring import Detector, sha256_file
-    from aadetect.train import encode_all, train_autoencoder
+    from aadetect.scoring import Detector
+    from aadetect.train import encode_all, train_autoencoder, validation_size
 
     reporter = reporter or Reporter()
     config.validate()
@@ -132,7 +134,7 @@ def train_detector(data: str | Path, config: TrainConfig, model_dir: str | Path,
     def save_checkpoint(state: dict) -> None:
         write_atomic(checkpoint_file, lambda temp: torch.save({**state, "identity": identity}, temp))
 
-    train_count = len(refs) - max(1, round(len(refs) * config.validation_fraction))
+    train_count = len(refs) - validation_size(len(refs), config.validation_fraction)
     if train_count <= config.latent_dim:  # the density needs more codes than dimensions: say so before training
         raise UserError(f"{data}: {train_count} training images (besides {len(refs) - train_count} held out) "
                         f"are too few for {config.latent_dim}-dimensional codes; use more images or a "
@@ -161,6 +163,9 @@ def train_detector(data: str | Path, config: TrainConfig, model_dir: str | Path,
     detector = Detector(model, density, thresholds=None, error_measure=config.error, device=device)
     validation = Measurements(*detector.measure(pixels[torch.from_numpy(result.validation_indices)]))
     thresholds = default_thresholds(validation, config.target_fpr)
+    if len(validation) < FEW_HELD_OUT:
+        reporter.warn(f"the default thresholds rest on only {len(validation)} held-out images; "
+                      f"run `aadetect calibrate` before trusting the model's decisions")
 
     rejected = [refs[i].name for i in result.rejected]
     with staged_directory(model_dir) as staging:

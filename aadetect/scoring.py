@@ -183,7 +183,9 @@ def _checked_file(model_dir: Path, name: str, card: ModelCard) -> Path:
     if not path.is_file():
         raise UserError(f"{path}: missing from the model folder")
     expected = card.files.get(name)
-    if expected is not None and sha256_file(path) != expected:
+    if expected is None:  # every card lists both files: a missing entry is damage too
+        raise UserError(f"{path}: the card lists no checksum for it (damaged card?)")
+    if sha256_file(path) != expected:
         raise UserError(f"{path}: does not match the card's checksum (damaged, or from another model)")
     return path
 

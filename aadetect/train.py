@@ -28,6 +28,7 @@ NEIGHBOURS = 10  # the robust rule's neighbourhood: larger than a few duplicates
 MAX_REFERENCE = 10_000  # codes the neighbours are looked for among, at most
 NEIGHBOUR_CHUNK = 1024
 FINAL_PASSES = 3  # re-judgements of the final model, each against the images the last one kept
+MIN_VALIDATION = 5  # held-out images, at least: the default thresholds' spreads are measured on them
 
 
 @dataclass
@@ -43,6 +44,12 @@ class TrainResult:
     @property
     def final_losses(self) -> dict[str, float]:
         return self.history[-1] if self.history else {}
+
+
+def validation_size(count: int, fraction: float) -> int:
+    """How many of `count` images are held out. Never fewer than MIN_VALIDATION (while half are left
+    to train on): one held-out image has no spread, and thresholds scaled by none flag nearly everything."""
+    return max(1, min(max(MIN_VALIDATION, round(count * fraction)), count // 2))
 
 
 def robust_z(values: torch.Tensor) -> torch.Tensor:
@@ -131,7 +138,7 @@ def train_autoencoder(images: torch.Tensor, arch: Architecture, config: TrainCon
     generator = torch.Generator().manual_seed(config.seed)
     count = len(images)
     order = torch.randperm(count, generator=generator)
-    validation_count = max(1, round(count * config.validation_fraction))
+    validation_count = validation_size(count, config.validation_fraction)
     validation_indices, train_indices = order[:validation_count], order[validation_count:]
     train_images = images[train_indices]
     validation_images = images[validation_indices]

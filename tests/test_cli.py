@@ -108,6 +108,32 @@ def test_score_unreadable_input_exit_two_but_scores_the_rest(model_dir, dataset,
     assert str(broken) in result.stderr
 
 
+def test_unreadable_input_is_named_on_stderr_even_when_quiet(model_dir, dataset, tmp_path):
+    broken = write_pngs(tmp_path / "good", blob_images(2, seed=2)) / "broken.png"
+    broken.write_text("not an image")
+    scored = invoke("score", "--model", model_dir, "--format", "jsonl", "--quiet", broken)
+    evaluated = invoke("evaluate", "--model", model_dir, "--good", broken.parent, "--anomalous", dataset["anomalous"],
+                       "--format", "json", "--quiet")
+    assert scored.exit_code == evaluated.exit_code == 2
+    assert len(scored.stderr.splitlines()) == 1
+    assert scored.stderr.startswith(f"aadetect: error: {broken}: not a recognised image")
+    assert evaluated.stderr.splitlines()[-1].startswith(f"aadetect: error: 1 unreadable image (first: {broken}: ")
+    assert json.loads(evaluated.stdout)["n_good"] == 2
+
+
+def test_a_small_folder_holds_out_enough_images_for_usable_default_thresholds(tmp_path):
+    folder = write_pngs(tmp_path / "small", blob_images(12, seed=1))
+    result = invoke("train", folder, "--out", tmp_path / "m", "--latent-dim", "4", *TRAIN_ARGS)
+    assert result.exit_code == 0, result.stderr
+    assert "rest on only 5 held-out images" in result.stderr
+    card = ModelCard.from_yaml((tmp_path / "m" / "card.yaml").read_text())
+    assert card.data.validation_count == 5
+    # one held-out image had no spread: scales of 1e-6, and 4 of these 12 good images flagged
+    assert card.thresholds.reconstruction_scale > 0.01 and card.thresholds.density_scale > 0.01
+    rows = jsonl(invoke("score", "--model", tmp_path / "m", "--format", "jsonl", folder).stdout)
+    assert sum(row["anomaly"] for row in rows) <= 1
+
+
 def test_score_reads_paths_from_stdin(model_dir, dataset):
     good = sorted(dataset["good"].iterdir())[:3]
     result = invoke("score", "--model", model_dir, "--format", "jsonl", "-", input="\n".join(map(str, good)) + "\n")
@@ -369,6 +395,7 @@ def test_list_rejected_prints_paths(dataset, tmp_path):
     listed = result.stdout.splitlines()
     card = ModelCard.from_yaml((tmp_path / "m" / "card.yaml").read_text())
     assert len(listed) == card.data.rejected_count
+    assert all(any(name.endswith(f"bad/img_{i:03d}.png") for name in listed) for i in range(3)), listed
     assert (tmp_path / "m" / "rejected.txt").read_text().splitlines() == listed
 
 

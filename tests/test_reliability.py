@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import shutil
 import signal
 import subprocess
@@ -78,18 +77,19 @@ def test_options_checked_before_any_work(dataset, model_dir):
 
 
 def test_options_that_cannot_work_are_refused_before_training(dataset, tmp_path):
-    few = write_pngs(tmp_path / "few", blob_images(20, seed=4))  # 18 for training, 2 held out
-    assert_one_line_error(invoke("train", few, "--out", tmp_path / "m", *TRAIN_ARGS, "--latent-dim", "18"),
-                          "too few for 18-dimensional codes", "--latent-dim")
+    few = write_pngs(tmp_path / "few", blob_images(20, seed=4))  # 15 for training, 5 held out
+    assert_one_line_error(invoke("train", few, "--out", tmp_path / "m", *TRAIN_ARGS, "--latent-dim", "15"),
+                          "too few for 15-dimensional codes", "--latent-dim")
     assert_one_line_error(invoke("train", few, "--out", tmp_path / "m", *TRAIN_ARGS, "--seed", str(2 ** 70)),
                           "--seed")
     assert_one_line_error(invoke("demo", "--out", tmp_path / "demo", "--seed", "-1"), "--seed")
+    assert_one_line_error(invoke("demo", "--out", tmp_path / "demo", "--epochs", "0"), "--epochs")
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
     assert_one_line_error(invoke("train", few, "--out", blocker / "m", *TRAIN_ARGS), str(blocker / "m"),
                           "cannot write there")
     assert not (tmp_path / "m").exists() and not (tmp_path / "demo").exists()
-    assert invoke("train", few, "--out", tmp_path / "m", *TRAIN_ARGS, "--latent-dim", "17").exit_code == 0
+    assert invoke("train", few, "--out", tmp_path / "m", *TRAIN_ARGS, "--latent-dim", "14").exit_code == 0
 
 
 def test_model_files_get_the_usual_permissions(dataset, model_dir, tmp_path):
@@ -157,11 +157,12 @@ def test_closed_stdin_and_bugs_never_exit_1(model_dir, monkeypatch):
     (lambda card: card["architecture"].update(latent_dim="16"), "architecture.latent_dim must be int"),
     (lambda card: card.update(error_measure="ssim"), "error_measure must be one of"),
     (lambda card: card["density"].update(radius="log"), "density.radius must be one of"),
+    (lambda card: card["thresholds"].update(density_scale=-1.0), "threshold scales must be positive"),
 ])
 def test_damaged_card_is_refused(model_dir, dataset, tmp_path, change, fragment):
     model = copy_model(model_dir, tmp_path)
     edit_card(model, change)
-    assert_one_line_error(invoke("score", "--model", model, dataset["good"]), fragment)
+    assert_one_line_error(invoke("score", "--model", model, dataset["good"]), f"{model / 'card.yaml'}: ", fragment)
 
 
 def test_card_that_is_not_yaml(model_dir, dataset, tmp_path):
@@ -174,6 +175,7 @@ def test_card_that_is_not_yaml(model_dir, dataset, tmp_path):
     (lambda model: (model / "weights.pt").unlink(), "missing from the model folder"),
     (lambda model: (model / "density.npz").unlink(), "missing from the model folder"),
     (lambda model: (model / "weights.pt").write_bytes((model / "weights.pt").read_bytes()[:500]), "checksum"),
+    (lambda model: edit_card(model, lambda card: card.update(files={})), "lists no checksum"),
 ])
 def test_missing_or_corrupt_files(model_dir, dataset, tmp_path, damage, fragment):
     model = copy_model(model_dir, tmp_path)
