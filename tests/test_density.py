@@ -330,5 +330,5 @@ def test_cuda_matches_cpu(radius):
     queries = np.concatenate([near, far])
     density = KernelDensity.fit(codes, radius=radius)
     np.testing.assert_allclose(
-        density.log_density(queries, device="cuda"), density.log_density(queries), rtol=1e-12, atol=0
-    )
+        density.log_density(queries, device="cuda"), density.log_density(queries), rtol=1e-12, atol=1e-12
+    )  # atol: a log-density near 0 (-0.013 with sqrt radius on an H100) differs by 2e-14, 2e-12 relative
