@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from aadetect.card import Thresholds
+from aadetect.config import TrainConfig
 from aadetect.metrics import confusion, decision_metrics
 from aadetect.scoring import decide
 
@@ -155,7 +156,7 @@ def choose_thresholds(thresholds: Thresholds, good: Measurements, anomalous: Mea
                 for label, n in (("good", len(good)), ("anomalous", len(anomalous) if anomalous else 0))
                 if 0 < n < FEW_SAMPLES]
     if anomalous is None or len(anomalous) == 0:
-        budget = 0.05 if target_fpr is None else target_fpr
+        budget = TrainConfig.target_fpr if target_fpr is None else target_fpr  # as training's defaults
         height = height_for_fpr(thresholds, good, budget)
         calibrated = at_height(thresholds, height, height, calibrated=True,
                                method=f"good samples only, target FPR {budget}")

@@ -181,8 +181,9 @@ def calibrate(
     model: ModelOption = Path(DEFAULT_MODEL),
     objective: Annotated[Objective, typer.Option(help="What the joint threshold search maximises.")]
         = Objective.balanced_accuracy,
-    target_fpr: Annotated[Optional[float], typer.Option(help="Flag at most this fraction of the good samples.")]
-        = None,
+    target_fpr: Annotated[Optional[float], typer.Option(
+        help=f"Flag at most this fraction of the good samples (with no --anomalous: {TrainConfig.target_fpr} "
+             f"unless given).")] = None,
     format: Annotated[ReportFormat, typer.Option("--format", "-f", help="Output format.")] = ReportFormat.table,
     device: DeviceOption = "auto",
     quiet: QuietOption = False,
