@@ -108,8 +108,6 @@ def _read_array(path: Path) -> np.ndarray:
     if not (np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)
             or array.dtype == np.bool_):
         raise UserError(f"{path}: unsupported dtype {array.dtype} (use uint8, or floats in [0, 1])")
-    if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
-        raise UserError(f"{path}: contains NaN or infinite values")
     problem = out_of_range(array)
     if problem:
         raise UserError(f"{path}: {problem}")
@@ -128,6 +126,8 @@ def out_of_range(values: np.ndarray) -> str | None:
     values = native_order(values)
     if values.dtype in (np.uint8, np.uint16, np.bool_) or values.size == 0:
         return None
+    if np.issubdtype(values.dtype, np.floating) and not np.isfinite(values).all():  # NaN passes every comparison
+        return "contains NaN or infinite values"
     low, high = float(values.min()), float(values.max())
     if np.issubdtype(values.dtype, np.floating) and (low < 0.0 or high > 1.0):
         return f"float pixels must lie in [0, 1], these span {low:.4g} to {high:.4g}"

@@ -102,6 +102,15 @@ def test_float_image_files_out_of_range_are_refused(tmp_path):
         decode(ImageRef(path), 8, 1)
 
 
+def test_float_image_files_with_nan_are_refused(tmp_path):
+    """NaN passes every range comparison; it must not be cast to black and scored (or trained on)."""
+    pixels = np.full((8, 8), 0.5, np.float32)
+    pixels[3, 4] = np.nan
+    Image.fromarray(pixels).save(tmp_path / "nan.tif")
+    with pytest.raises(UserError, match=r"nan.tif: cannot decode image \(contains NaN or infinite values"):
+        decode(ImageRef(tmp_path / "nan.tif"), 8, 1)
+
+
 def test_palette_rgba_and_cmyk_become_rgb(tmp_path):
     rgb = Image.fromarray(np.stack([gradient(), 255 - gradient(), gradient() // 2], -1))
     expected = decode_saved(tmp_path / "rgb.png", rgb)
