@@ -354,7 +354,11 @@ def stdout_console():
     """Rich output for stdout; when piped, wide enough that no column is cut."""
     from rich.console import Console
 
-    return Console() if sys.stdout.isatty() else Console(width=1000, no_color=True)
+    class StdoutConsole(Console):
+        def on_broken_pipe(self) -> None:  # rich would exit 1 ("anomalous"); `user_errors` exits 141
+            raise BrokenPipeError
+
+    return StdoutConsole() if sys.stdout.isatty() else StdoutConsole(width=1000, no_color=True)
 
 
 def print_table(title: str, items) -> None:
@@ -389,6 +393,9 @@ def print_report(report: dict, format: ReportFormat) -> None:
 
 
 def main() -> None:
+    if sys.stdout is None:  # started with stdout closed (`>&-`): no place for the data, and fd 1 may be reused
+        say("aadetect: error: standard output is closed (redirect it to a file or /dev/null instead)")
+        raise SystemExit(EXIT_USAGE)
     # A file name that is not valid UTF-8 (Linux allows any bytes) is printed as the bytes it is,
     # so it can be piped back in, instead of failing on a strict output encoding.
     if hasattr(sys.stdout, "reconfigure"):

@@ -483,3 +483,31 @@ def test_fuzzed_images_end_in_a_result_or_one_line_error(model_dir, tmp_path):
     error_lines = [line for line in result.stderr.splitlines() if line.startswith("aadetect: error:")]
     assert len(error_lines) == len(failed)
     print(f"fuzz: {len(rows)} cases, {len(scored)} scored, {len(failed)} refused with a one-line error")
+
+
+@pytest.mark.parametrize("command", [
+    ["score"],  # the default format: a rich table, written at the end
+    ["evaluate", "--good", "{good}", "--anomalous", "{anomalous}"],
+    ["calibrate", "--good", "{good}", "--anomalous", "{anomalous}"],
+])
+def test_a_reader_that_leaves_before_a_table_is_not_reported_as_anomalies(model_dir, dataset, command, tmp_path):
+    args = [part.format(**{k: str(v) for k, v in dataset.items()}) for part in command]
+    if command == ["score"]:
+        args.append(str(dataset["anomalous"]))  # every image anomalous: exit 1 unless the exit is the pipe's
+    if command[0] == "calibrate":  # it rewrites the card: not the shared model's
+        model_dir = Path(shutil.copytree(model_dir, tmp_path / "model"))
+    process = subprocess.Popen([sys.executable, "-m", "aadetect", *args, "--model", str(model_dir), "--quiet"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process.stdout.close()  # the reader is gone before the table is drawn
+    assert process.wait(timeout=300) == 141
+    assert b"Traceback" not in process.stderr.read()
+
+
+def test_a_closed_stdout_is_one_line_of_error(model_dir, dataset):
+    image = sorted(dataset["good"].iterdir())[0]
+    result = subprocess.run([sys.executable, "-m", "aadetect", "score", "--model", str(model_dir), str(image)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=300,
+                            preexec_fn=lambda: os.close(1))
+    assert result.returncode == 2
+    assert result.stderr.decode().strip() == ("aadetect: error: standard output is closed "
+                                              "(redirect it to a file or /dev/null instead)")
