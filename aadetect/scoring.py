@@ -84,11 +84,29 @@ class Detector:
                    card.error_measure, device)
 
     def measure(self, pixels) -> tuple[np.ndarray, np.ndarray]:
-        """Reconstruction error and KDE log-density for uint8 images (N, C, S, S)."""
+        """Reconstruction error and KDE log-density for uint8 images (N, C, S, S) (a tensor or numpy array)."""
+        pixels = self._checked_pixels(pixels)
         starts = range(0, len(pixels), SCORE_BATCH)
         with piece_pool(self.device) as (pool, _):
             return _joined(list(pool.map(lambda start: self._measure_batch(pixels[start:start + SCORE_BATCH]),
                                          starts)))
+
+    def _checked_pixels(self, pixels):
+        """Images as the model takes them, or a plain error: float pixels in [0, 1] would otherwise be
+        divided by 255 again and score nonsense, and a wrong shape fail deep inside torch."""
+        import torch
+
+        if isinstance(pixels, np.ndarray):
+            pixels = torch.from_numpy(np.ascontiguousarray(pixels))
+        if not isinstance(pixels, torch.Tensor):
+            return pixels  # images decoded on demand (ImagesOnDisk): made at the model's size by the loader
+        expected = (self.channels, self.image_size, self.image_size)
+        wanted = f"uint8 pixels (0-255) shaped (N, {', '.join(map(str, expected))}), as load_images gives"
+        if pixels.dtype != torch.uint8:
+            raise UserError(f"images must be {wanted}; got {str(pixels.dtype).removeprefix('torch.')}")
+        if pixels.ndim != 4 or tuple(pixels.shape[1:]) != expected:
+            raise UserError(f"images must be {wanted}; got shape {tuple(pixels.shape)}")
+        return pixels
 
     def _measure_batch(self, pixels) -> tuple[np.ndarray, np.ndarray]:
         """One forward pass, on exactly SCORE_BATCH images (the last batch padded with black ones)."""

@@ -422,3 +422,20 @@ def test_training_from_disk_when_over_the_memory_limit(dataset, tmp_path, model_
     assert "reading them from disk" in result.stderr
     # the same pixels in the same order: the same model as training from memory
     assert (out / "weights.pt").read_bytes() == (model_dir / "weights.pt").read_bytes()
+
+
+def test_the_library_takes_numpy_pixels_and_refuses_float_or_misshaped_ones(model_dir, dataset):
+    from aadetect.errors import UserError
+    from aadetect.images import find_images, load_images
+    from aadetect.scoring import Detector
+
+    detector = Detector.load(model_dir, "cpu")
+    pixels = load_images(find_images(dataset["good"]), SIZE, 1)[0]
+    from_tensor = detector.score(pixels)
+    from_numpy = detector.score(pixels.numpy())
+    np.testing.assert_array_equal(from_numpy.score, from_tensor.score)
+    for wrong, reason in [(pixels.float() / 255, r"uint8 pixels \(0-255\) shaped \(N, 1, 16, 16\).*got float32"),
+                          (pixels[:, :, :8], r"got shape \(12, 1, 8, 16\)"),
+                          (pixels[:, 0], r"got shape \(12, 16, 16\)")]:
+        with pytest.raises(UserError, match=reason):
+            detector.predict(wrong)
