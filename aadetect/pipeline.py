@@ -151,6 +151,12 @@ def train_detector(data: str | Path, config: TrainConfig, model_dir: str | Path,
 
     model = result.model
     fit_indices = np.setdiff1d(result.train_indices, result.rejected)
+    if len(fit_indices) <= config.latent_dim:  # as the check before training, now that outliers are known
+        checkpoint_file.unlink(missing_ok=True)  # resuming with these settings would end here again
+        raise UserError(f"{data}: robust training left out {len(result.rejected)} of {train_count} training images "
+                        f"as likely outliers, and the {len(fit_indices)} kept are too few for "
+                        f"{config.latent_dim}-dimensional codes; use more images, a smaller --latent-dim "
+                        f"(below {len(fit_indices)}) or --no-robust")
     with exact_math(device):
         fit_images = pixels[torch.from_numpy(fit_indices)]
         codes, _ = encode_all(model, fit_images, device, "mse")
@@ -159,6 +165,7 @@ def train_detector(data: str | Path, config: TrainConfig, model_dir: str | Path,
     try:
         density = KernelDensity.fit(codes.double().numpy(), radius=config.code_radius)
     except ValueError as exc:
+        checkpoint_file.unlink(missing_ok=True)  # resuming with these settings would end here again
         raise UserError(f"{data}: cannot fit the density ({exc})") from None
     detector = Detector(model, density, thresholds=None, error_measure=config.error, device=device)
     validation = Measurements(*detector.measure(pixels[torch.from_numpy(result.validation_indices)]))

@@ -92,6 +92,18 @@ def test_options_that_cannot_work_are_refused_before_training(dataset, tmp_path)
     assert invoke("train", few, "--out", tmp_path / "m", *TRAIN_ARGS, "--latent-dim", "14").exit_code == 0
 
 
+def test_too_few_images_left_after_robust_training_is_one_line_and_leaves_nothing(tmp_path):
+    good = blob_images(30, seed=4)
+    stripes = np.full((4, *good.shape[1:]), 255, np.uint8)
+    stripes[:, :, ::2] = 0  # unlike any blob: robust training leaves these (and a few blobs) out
+    folder = write_pngs(tmp_path / "mixed", np.concatenate([good, stripes]))
+    args = [*TRAIN_ARGS, "--epochs", "6", "--latent-dim", "26"]  # 29 train: enough before rejection, not after
+    assert_one_line_error(invoke("train", folder, "--out", tmp_path / "m", *args),
+                          "robust training left out", "too few for 26-dimensional codes", "--no-robust")
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["mixed"]  # no model, no checkpoint
+    assert invoke("train", folder, "--out", tmp_path / "m", *args, "--latent-dim", "16").exit_code == 0  # as advised
+
+
 def test_model_files_get_the_usual_permissions(dataset, model_dir, tmp_path):
     """mkstemp and mkdtemp make private files; a model is meant to be read by other users and CI jobs."""
     previous = os.umask(0o022)
