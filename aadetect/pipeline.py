@@ -275,6 +275,10 @@ def calibrate_detector(model_dir: str | Path, good: str | Path, anomalous: str |
     detector = Detector.load(model_dir, device)
     good_set = measure_folder(detector, good, reporter, "good")
     anomalous_set = measure_folder(detector, anomalous, reporter, "anomalous") if anomalous else None
+    unreadable = good_set.errors + (anomalous_set.errors if anomalous_set else [])
+    if unreadable:  # a few samples set both thresholds: one silently missing would move them
+        raise UserError(f"{len(unreadable)} unreadable image{'s' if len(unreadable) > 1 else ''} "
+                        f"(first: {unreadable[0]}); the card is unchanged")
     as_measurements = lambda s: Measurements(s.reconstruction_error, s.log_density) if s else None  # noqa: E731
     result = choose_thresholds(card.thresholds, as_measurements(good_set), as_measurements(anomalous_set),
                                objective=objective, target_fpr=target_fpr)

@@ -195,6 +195,20 @@ def test_missing_or_corrupt_files(model_dir, dataset, tmp_path, damage, fragment
     assert_one_line_error(invoke("score", "--model", model, dataset["good"]), fragment)
 
 
+def test_calibrate_with_an_unreadable_sample_leaves_the_card_unchanged(model_dir, dataset, tmp_path):
+    model = copy_model(model_dir, tmp_path)
+    card = (model / "card.yaml").read_bytes()
+    good = tmp_path / "good"
+    shutil.copytree(dataset["good"], good)
+    (good / "broken.png").write_bytes(b"not a png")
+    result = invoke("calibrate", "--model", model, "--good", good, "--anomalous", dataset["anomalous"], "--quiet")
+    assert result.exit_code == 2
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("aadetect: error: 1 unreadable image (first: ") and str(good / "broken.png") in last
+    assert last.endswith("the card is unchanged") and "Traceback" not in result.stderr
+    assert (model / "card.yaml").read_bytes() == card
+
+
 def replace_weights(model: Path, write) -> None:
     """Swap in another weights file and re-sign it, so the loader itself must judge the contents."""
     write(model / "weights.pt")
