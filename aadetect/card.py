@@ -185,7 +185,7 @@ def _plain(value: Any) -> Any:
 def _build(cls, data: Any, source: str, where: str):
     """Make dataclass `cls` from parsed YAML, checking every field's presence and type."""
     if not isinstance(data, dict):
-        raise UserError(f"{source}: {where or 'card'} must be a mapping")
+        raise UserError(f"{source}: {where.rstrip('.') or 'card'} must be a mapping")
     hints = typing.get_type_hints(cls)
     values = {}
     for spec in dataclasses.fields(cls):

@@ -233,8 +233,9 @@ def load_model(model_dir: Path, card: ModelCard, device: str):
         model = AdversarialAutoencoder(arch)
         keys = model.load_state_dict(state, strict=False)  # wrong shapes still raise
         problems = [f"missing {name}" for name in keys.missing_keys] + [f"unexpected {name}" for name in keys.unexpected_keys]
-    except Exception as exc:
-        problems = [first_line(exc, 160)]
+    except Exception as exc:  # torch's first line is only a header; the line after it names the tensor
+        details = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        problems = [details[1][:160] if len(details) > 1 else first_line(exc, 160)]
     if problems:
         listed = ", ".join(problems[:3]) + (", ..." if len(problems) > 3 else "")
         raise UserError(f"{path}: weights do not fit the card's architecture ({listed})")

@@ -170,6 +170,7 @@ def test_closed_stdin_and_bugs_never_exit_1(model_dir, monkeypatch):
     (lambda card: card.update(error_measure="ssim"), "error_measure must be one of"),
     (lambda card: card["density"].update(radius="log"), "density.radius must be one of"),
     (lambda card: card["thresholds"].update(density_scale=-1.0), "threshold scales must be positive"),
+    (lambda card: card.update(density=None), "card.yaml: density must be a mapping"),
 ])
 def test_damaged_card_is_refused(model_dir, dataset, tmp_path, change, fragment):
     model = copy_model(model_dir, tmp_path)
@@ -232,7 +233,8 @@ def test_weights_that_do_not_fit_the_architecture(model_dir, dataset, tmp_path):
     model = copy_model(model_dir, tmp_path)
     other = AdversarialAutoencoder(Architecture.for_images(SIZE, 1, 8))
     replace_weights(model, lambda path: torch.save(other.state_dict(), path))
-    assert_one_line_error(invoke("score", "--model", model, dataset["good"]), "do not fit the card's architecture")
+    assert_one_line_error(invoke("score", "--model", model, dataset["good"]), "do not fit the card's architecture",
+                          "size mismatch for encoder.to_code.weight")
 
 
 class Payload:
