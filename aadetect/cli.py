@@ -252,13 +252,12 @@ def evaluate(
     quiet: QuietOption = False,
 ) -> None:
     """Measure a model on labelled images: AUROC, AUPRC, balanced accuracy, F1, confusion."""
-    from aadetect.pipeline import evaluate_detector
+    from aadetect.pipeline import evaluate_detector, unreadable_summary
 
     report = evaluate_detector(model, good, anomalous, device=device, reporter=reporter_for(quiet))
     print_report(report, format)
     if report["unreadable"]:  # measured on the rest, but the input was not all usable: like `score`
-        count = len(report["unreadable"])
-        say(f"aadetect: error: {count} unreadable image{'s' if count > 1 else ''} (first: {report['unreadable'][0]})")
+        say(f"aadetect: error: {unreadable_summary(report['unreadable'])}")
         raise typer.Exit(EXIT_USAGE)
 
 

@@ -237,6 +237,11 @@ class MeasuredSet:
     errors: list[str]
 
 
+def unreadable_summary(errors: list[str]) -> str:
+    """One line for many unreadable files: the count and the first file's own message."""
+    return f"{len(errors)} unreadable image{'s' if len(errors) > 1 else ''} (first: {errors[0]})"
+
+
 def measure_folder(detector, path: str | Path, reporter: Reporter, label: str) -> MeasuredSet:
     refs = find_images(path)
     names, rows, errors = [], [], []
@@ -277,8 +282,7 @@ def calibrate_detector(model_dir: str | Path, good: str | Path, anomalous: str |
     anomalous_set = measure_folder(detector, anomalous, reporter, "anomalous") if anomalous else None
     unreadable = good_set.errors + (anomalous_set.errors if anomalous_set else [])
     if unreadable:  # a few samples set both thresholds: one silently missing would move them
-        raise UserError(f"{len(unreadable)} unreadable image{'s' if len(unreadable) > 1 else ''} "
-                        f"(first: {unreadable[0]}); the card is unchanged")
+        raise UserError(f"{unreadable_summary(unreadable)}; the card is unchanged")
     as_measurements = lambda s: Measurements(s.reconstruction_error, s.log_density) if s else None  # noqa: E731
     result = choose_thresholds(card.thresholds, as_measurements(good_set), as_measurements(anomalous_set),
                                objective=objective, target_fpr=target_fpr)
