@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from aadetect.errors import UserError
@@ -55,8 +56,13 @@ class TrainConfig:
         check_fraction("the default thresholds' target FPR", self.target_fpr)  # not a train option
         if self.memory_limit_mb < 0:
             raise UserError(f"--memory-limit-mb must not be negative, got {self.memory_limit_mb}")
-        if self.learning_rate <= 0:
-            raise UserError(f"the learning rate must be positive, got {self.learning_rate}")
+        if not 0.0 < self.learning_rate < math.inf:  # also refuses NaN, which every comparison passes
+            raise UserError(f"the learning rate must be a positive number, got {self.learning_rate}")
+        if self.patience < 1:  # 0 would stop before the first epoch and save untrained weights
+            raise UserError(f"patience must be at least 1 epoch, got {self.patience}")
+        if not 0.0 < self.reject_z < math.inf:
+            raise UserError(f"reject_z (the robust rule's cut, in robust z-scores) must be a positive number, "
+                            f"got {self.reject_z}")
 
 
 @dataclass(frozen=True)
