@@ -17,7 +17,7 @@ import numpy as np
 
 from aadetect.card import DENSITY_FILE, WEIGHTS_FILE, ModelCard, Thresholds, read_card
 from aadetect.errors import UserError, first_line
-from aadetect.images import ImageRef, iterate_batches, materialize
+from aadetect.images import ImageRef, ImagesOnDisk, iterate_batches, materialize
 from aadetect.parallel import piece_pool
 
 # Every forward pass sees a batch of exactly this many images (the last one padded), so an
@@ -96,12 +96,18 @@ class Detector:
         divided by 255 again and score nonsense, and a wrong shape fail deep inside torch."""
         import torch
 
+        expected = (self.channels, self.image_size, self.image_size)
+        wanted = f"uint8 pixels (0-255) shaped (N, {', '.join(map(str, expected))}), as load_images gives"
+        if isinstance(pixels, ImagesOnDisk):  # decoded on demand, at the size it was made for
+            if (pixels.channels, pixels.size) != (self.channels, self.image_size):
+                raise UserError(f"images must be {wanted}; got images read at {pixels.channels} channel(s) "
+                                f"and {pixels.size} px")
+            return pixels
         if isinstance(pixels, np.ndarray):
             pixels = torch.from_numpy(np.ascontiguousarray(pixels))
         if not isinstance(pixels, torch.Tensor):
-            return pixels  # images decoded on demand (ImagesOnDisk): made at the model's size by the loader
-        expected = (self.channels, self.image_size, self.image_size)
-        wanted = f"uint8 pixels (0-255) shaped (N, {', '.join(map(str, expected))}), as load_images gives"
+            raise UserError(f"images must be {wanted} (a tensor or numpy array); got {type(pixels).__name__}"
+                            " (for files, use score_images(find_images(path)))")
         if pixels.dtype != torch.uint8:
             raise UserError(f"images must be {wanted}; got {str(pixels.dtype).removeprefix('torch.')}")
         if pixels.ndim != 4 or tuple(pixels.shape[1:]) != expected:
@@ -143,6 +149,7 @@ class Detector:
         while the pool measures the batches decoded before, a few ahead, so memory stays flat.
         Until the stream ends, torch runs on one thread in this thread too (see `piece_pool`).
         """
+        refs = _checked_refs(refs)
         on_gpu = str(self.device).startswith("cuda")
         batch_size = 4 * SCORE_BATCH
         if workers is None:
@@ -166,6 +173,19 @@ class Detector:
             rows.update((index, (scores.row(k), None)) for k, index in enumerate(batch.indices))
         for index in sorted(rows):
             yield refs[index], *rows[index]
+
+
+def _checked_refs(refs) -> list[ImageRef]:
+    """A plain error for a folder name or paths where ImageRefs belong (a deep AttributeError otherwise)."""
+    if isinstance(refs, (str, os.PathLike)):
+        got = type(refs).__name__
+    else:
+        refs = list(refs)
+        stray = next((ref for ref in refs if not isinstance(ref, ImageRef)), None)
+        if stray is None:
+            return refs
+        got = f"a {type(stray).__name__} among them"
+    raise UserError(f"score_images takes ImageRefs, as find_images(path) returns; got {got}")
 
 
 def _joined(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:

@@ -426,7 +426,7 @@ def test_training_from_disk_when_over_the_memory_limit(dataset, tmp_path, model_
 
 def test_the_library_takes_numpy_pixels_and_refuses_float_or_misshaped_ones(model_dir, dataset):
     from aadetect.errors import UserError
-    from aadetect.images import find_images, load_images
+    from aadetect.images import ImagesOnDisk, find_images, load_images
     from aadetect.scoring import Detector
 
     detector = Detector.load(model_dir, "cpu")
@@ -436,6 +436,25 @@ def test_the_library_takes_numpy_pixels_and_refuses_float_or_misshaped_ones(mode
     np.testing.assert_array_equal(from_numpy.score, from_tensor.score)
     for wrong, reason in [(pixels.float() / 255, r"uint8 pixels \(0-255\) shaped \(N, 1, 16, 16\).*got float32"),
                           (pixels[:, :, :8], r"got shape \(12, 1, 8, 16\)"),
-                          (pixels[:, 0], r"got shape \(12, 16, 16\)")]:
+                          (pixels[:, 0], r"got shape \(12, 16, 16\)"),
+                          (list(pixels.numpy()), r"a tensor or numpy array\); got list"),
+                          (str(dataset["good"]), r"got str \(for files, use score_images\(find_images\(path\)\)\)"),
+                          (ImagesOnDisk(find_images(dataset["good"]), 8, 1), r"got images read at 1 channel\(s\) and 8 px")]:
         with pytest.raises(UserError, match=reason):
             detector.predict(wrong)
+
+
+def test_score_images_takes_image_refs_and_says_so_otherwise(model_dir, dataset):
+    from aadetect.errors import UserError
+    from aadetect.images import find_images
+    from aadetect.scoring import Detector
+
+    detector = Detector.load(model_dir, "cpu")
+    refs = find_images(dataset["good"])
+    assert [ref for ref, _, _ in detector.score_images(iter(refs))] == refs  # any iterable of refs
+    path_type = type(refs[0].path).__name__
+    for wrong, reason in [(str(dataset["good"]), "got str"),
+                          (refs[0].path, f"got {path_type}"),
+                          ([ref.path for ref in refs], f"got a {path_type} among them")]:
+        with pytest.raises(UserError, match=r"score_images takes ImageRefs, as find_images\(path\) returns; " + reason):
+            list(detector.score_images(wrong))
