@@ -90,7 +90,9 @@ def height_for_fpr(thresholds: Thresholds, good: Measurements, target_fpr: float
     excess = np.sort(np.maximum(error_height, density_height))
     allowed = int(np.floor(target_fpr * len(excess) + 1e-9))
     kept = excess[len(excess) - allowed - 1]
-    return float((kept + excess[len(excess) - allowed]) / 2 if allowed else kept + 0.5)
+    # halfway to the next larger value: a cut on images tied with `kept` would flag them or not by rounding
+    above = excess[excess > kept]
+    return float((kept + above[0]) / 2 if len(above) else kept + 0.5)
 
 
 def default_thresholds(validation: Measurements, target_fpr: float) -> Thresholds:

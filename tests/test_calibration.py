@@ -98,6 +98,22 @@ def test_good_only_thresholds_respect_the_budget(target):
     assert decide(good.reconstruction_error, good.log_density, again).anomaly.mean() == pytest.approx(flagged)
 
 
+@pytest.mark.parametrize("seed", range(40))
+def test_tied_good_images_at_the_budget_edge_are_never_half_flagged(seed):
+    """Two identical images (a duplicate file) at the edge of the budget: both or neither, never
+    one by rounding, and so never more than the budget allows."""
+    rng = np.random.default_rng(seed)
+    good = sample(rng, 10, 0.0, 0.0)
+    top = int(np.argmax(good.reconstruction_error))
+    twin = (top + 1) % 10
+    good.reconstruction_error[twin], good.log_density[twin] = good.reconstruction_error[top], good.log_density[top]
+    for thresholds in (default_thresholds(good, 0.1),
+                       choose_thresholds(centred_thresholds(good, "test"), good, None, target_fpr=0.1).thresholds):
+        flagged = decide(good.reconstruction_error, good.log_density, thresholds).anomaly
+        assert flagged.sum() <= 1
+        assert flagged[top] == flagged[twin]
+
+
 def test_centred_thresholds_use_log_errors():
     errors = np.array([1.0, 2.0, 4.0, 8.0, 1000.0])
     centred = centred_thresholds(Measurements(errors, np.zeros(5)), "test")
