@@ -70,6 +70,7 @@ def _walk_images(root: Path) -> list[Path]:
 
 
 _ARRAY_CACHE: dict[Path, tuple[tuple, np.ndarray]] = {}  # path -> (its file's stamp, the checked array)
+ARRAY_CACHE_FILES = 2  # entries of one file are decoded one by one; a notebook reading many files keeps only these
 
 
 def _read_array(path: Path) -> np.ndarray:
@@ -80,8 +81,9 @@ def _read_array(path: Path) -> np.ndarray:
     except OSError as exc:
         raise UserError(f"{path}: cannot read ({exc.strerror or exc})") from None
     stamp = (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
-    cached = _ARRAY_CACHE.get(path)
+    cached = _ARRAY_CACHE.pop(path, None)
     if cached is not None and cached[0] == stamp:
+        _ARRAY_CACHE[path] = cached  # now the most recently used
         return cached[1]
     try:
         loaded = np.load(path, allow_pickle=False, mmap_mode="r" if path.suffix.lower() == ".npy" else None)
@@ -112,6 +114,8 @@ def _read_array(path: Path) -> np.ndarray:
     if problem:
         raise UserError(f"{path}: {problem}")
     _ARRAY_CACHE[path] = (stamp, array)
+    while len(_ARRAY_CACHE) > ARRAY_CACHE_FILES:
+        del _ARRAY_CACHE[next(iter(_ARRAY_CACHE))]  # the least recently used
     return array
 
 

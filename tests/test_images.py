@@ -76,6 +76,19 @@ def test_an_array_file_rewritten_in_the_same_process_is_read_afresh(tmp_path, su
         decode(old_refs[4], 8, 1)
 
 
+def test_reading_many_array_files_keeps_only_the_last_few_in_memory(tmp_path):
+    from aadetect import images
+
+    paths = []
+    for value in range(5):
+        paths.append(tmp_path / f"batch{value}.npz")
+        np.savez(paths[-1], images=np.full((3, 8, 8), 40 * value, np.uint8))
+    for value, path in [*enumerate(paths), (0, paths[0])]:  # the first again, after it was let go
+        assert [int(decode(ref, 8, 1).max()) for ref in find_images(path)] == [40 * value] * 3
+        assert len(images._ARRAY_CACHE) <= images.ARRAY_CACHE_FILES
+    assert paths[0] in images._ARRAY_CACHE and paths[1] not in images._ARRAY_CACHE
+
+
 def test_byte_order_and_32_bit_integer_images_follow_the_type_rules(tmp_path):
     """Big-endian 16-bit data is 16-bit data; a 32-bit integer TIFF of 0-255 values is not."""
     deep = (gradient().astype(np.uint16) * 257)
