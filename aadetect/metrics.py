@@ -33,12 +33,13 @@ def average_precision(good_scores: np.ndarray, anomalous_scores: np.ndarray) -> 
 
 
 def decision_metrics(tp, fp, tn, fn) -> dict:
-    """Balanced accuracy, F1, TPR and FPR from confusion counts (scalars or arrays alike)."""
+    """Balanced accuracy, F1, TPR and FPR from confusion counts (scalars or arrays alike); NaN where
+    a rate needs samples of a class that has none (F1 and TPR without anomalies, FPR without good ones)."""
     tp, fp, tn, fn = (np.asarray(v, dtype=np.float64) for v in (tp, fp, tn, fn))
     with np.errstate(invalid="ignore", divide="ignore"):
         tpr = np.where(tp + fn > 0, tp / np.maximum(tp + fn, 1), np.nan)
         fpr = np.where(fp + tn > 0, fp / np.maximum(fp + tn, 1), np.nan)
-        f1 = np.where(2 * tp + fp + fn > 0, 2 * tp / np.maximum(2 * tp + fp + fn, 1), 0.0)
+        f1 = np.where(tp + fn > 0, 2 * tp / np.maximum(2 * tp + fp + fn, 1), np.nan)
     return {"balanced_accuracy": (tpr + 1 - fpr) / 2, "f1": f1, "tpr": tpr, "fpr": fpr}
 
 

@@ -94,8 +94,9 @@ def test_good_only_thresholds_respect_the_budget(target):
     flagged = decide(good.reconstruction_error, good.log_density, thresholds).anomaly.mean()
     assert flagged <= target
     assert flagged >= target - 0.01  # and uses the budget, not an empty rule
-    again = choose_thresholds(centred_thresholds(good, "test"), good, None, target_fpr=target).thresholds
-    assert decide(good.reconstruction_error, good.log_density, again).anomaly.mean() == pytest.approx(flagged)
+    again = choose_thresholds(centred_thresholds(good, "test"), good, None, target_fpr=target)
+    assert decide(good.reconstruction_error, good.log_density, again.thresholds).anomaly.mean() == pytest.approx(flagged)
+    assert again.metrics["fpr"] == pytest.approx(flagged) and not {"tpr", "f1", "balanced_accuracy"} & set(again.metrics)
 
 
 @pytest.mark.parametrize("seed", range(40))

@@ -52,3 +52,12 @@ def test_decision_metrics_from_confusion():
     assert rates["fpr"] == pytest.approx(1 / 4)
     assert rates["balanced_accuracy"] == pytest.approx((2 / 3 + 3 / 4) / 2)
     assert rates["f1"] == pytest.approx(2 * 2 / (2 * 2 + 1 + 1))
+
+
+def test_rates_that_need_anomalies_are_undefined_without_any():
+    """Good samples alone say nothing about recall, so neither TPR nor F1 may read as 0 (a card
+    calibrated on good images only once recorded f1: 0.0)."""
+    rates = decision_metrics(**confusion(np.array([True, False, False, False]), np.array([], bool)))
+    assert rates["fpr"] == pytest.approx(1 / 4)
+    assert np.isnan(rates["tpr"]) and np.isnan(rates["f1"]) and np.isnan(rates["balanced_accuracy"])
+    assert decision_metrics(**confusion(np.array([False]), np.array([False])))["f1"] == 0.0  # anomalies, none found
