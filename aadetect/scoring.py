@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import warnings
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,7 +105,9 @@ class Detector:
                                 f"and {pixels.size} px")
             return pixels
         if isinstance(pixels, np.ndarray):
-            pixels = torch.from_numpy(np.ascontiguousarray(pixels))
+            with warnings.catch_warnings():  # a read-only (memory-mapped) array is fine: pixels are only read
+                warnings.filterwarnings("ignore", "The given NumPy array is not writable")
+                pixels = torch.from_numpy(np.ascontiguousarray(pixels))
         if not isinstance(pixels, torch.Tensor):
             raise UserError(f"images must be {wanted} (a tensor or numpy array); got {type(pixels).__name__}"
                             " (for files, use score_images(find_images(path)))")

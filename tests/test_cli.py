@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -434,6 +435,14 @@ def test_the_library_takes_numpy_pixels_and_refuses_float_or_misshaped_ones(mode
     from_tensor = detector.score(pixels)
     from_numpy = detector.score(pixels.numpy())
     np.testing.assert_array_equal(from_numpy.score, from_tensor.score)
+    read_only = pixels.numpy().copy()
+    read_only.flags.writeable = False  # as np.load(..., mmap_mode="r") gives
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        np.testing.assert_array_equal(detector.score(read_only).score, from_tensor.score)
+        codes = np.zeros((3, detector.density.dim))
+        codes.flags.writeable = False
+        assert np.isfinite(detector.density.log_density(codes)).all()
     for wrong, reason in [(pixels.float() / 255, r"uint8 pixels \(0-255\) shaped \(N, 1, 16, 16\).*got float32"),
                           (pixels[:, :, :8], r"got shape \(12, 1, 8, 16\)"),
                           (pixels[:, 0], r"got shape \(12, 16, 16\)"),
