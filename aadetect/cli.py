@@ -17,7 +17,7 @@ from typing import Annotated, Optional
 import typer
 
 from aadetect import __version__
-from aadetect.config import CODE_RADII, ERROR_MEASURES, TrainConfig, check_seed
+from aadetect.config import CODE_RADII, ERROR_MEASURES, TrainConfig
 from aadetect.demo import DEMO_EPOCHS, DEMO_TRAIN_IMAGES
 from aadetect.errors import UserError
 
@@ -276,9 +276,6 @@ def demo(
     """Run the whole job offline on generated microscope-like cell images and print the evaluation."""
     from aadetect.demo import run_demo
 
-    if train_images < 20:
-        raise UserError(f"--train-images must be at least 20, got {train_images}")
-    check_seed(seed)
     reporter = reporter_for(quiet)
     report = run_demo(out, seed=seed, epochs=epochs, train_images=train_images, reporter=reporter)
     print_report(report, format)

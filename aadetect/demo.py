@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from aadetect.config import TrainConfig
+from aadetect.errors import UserError
 from aadetect.progress import Reporter
 
 DEMO_IMAGE_SIZE = 48  # generated images; the model sees them at 32 px
@@ -23,9 +24,17 @@ def run_demo(out: str | Path, *, seed: int = 0, epochs: int = DEMO_EPOCHS, train
     from aadetect.pipeline import calibrate_detector, evaluate_detector, train_detector
     from aadetect.synthetic import write_demo_dataset
 
+    from aadetect.train import validation_size
+
     reporter = reporter or Reporter()
     config = demo_config(seed, epochs)
     config.validate()  # before any image is written
+    # the KDE needs more codes than dimensions, with room for the images robust training leaves out
+    fewest = next(n for n in range(1, 100_000)
+                  if n - validation_size(n, config.validation_fraction) >= 3 * config.latent_dim // 2)
+    if train_images < fewest:
+        raise UserError(f"--train-images must be at least {fewest} (1.5 times the {config.latent_dim} latent "
+                        f"dimensions, plus the held-out images), got {train_images}")
     out = Path(out)
     folders = write_demo_dataset(out / "data", seed=seed, size=DEMO_IMAGE_SIZE, n_train=train_images)
     reporter.info(f"demo images written under {out / 'data'}")

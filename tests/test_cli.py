@@ -416,6 +416,16 @@ def test_demo_runs_the_whole_job(tmp_path):
     assert json.loads(again.stdout) == report
 
 
+def test_demo_refuses_too_few_training_images_before_writing_any(tmp_path):
+    # 52 passed the old check (at least 20) and failed after writing every image, pointing at an
+    # option (--latent-dim) that demo does not have
+    result = invoke("demo", "--out", tmp_path / "demo", "--epochs", "1", "--train-images", "52")
+    assert result.exit_code == 2
+    assert result.stderr.strip() == ("aadetect: error: --train-images must be at least 53 (1.5 times the 32 latent "
+                                     "dimensions, plus the held-out images), got 52")
+    assert not (tmp_path / "demo").exists()
+
+
 def test_training_from_disk_when_over_the_memory_limit(dataset, tmp_path, model_dir):
     out = tmp_path / "streamed"
     result = invoke("train", dataset["train"], "--out", out, "--memory-limit-mb", "0", *TRAIN_ARGS)
