@@ -182,8 +182,8 @@ def calibrate(
     objective: Annotated[Objective, typer.Option(help="What the joint threshold search maximises.")]
         = Objective.balanced_accuracy,
     target_fpr: Annotated[Optional[float], typer.Option(
-        help=f"Flag at most this fraction of the good samples (with no --anomalous: {TrainConfig.target_fpr} "
-             f"unless given).")] = None,
+        help="Flag at most this fraction of the good samples (with no --anomalous: the model's own training "
+             f"budget, {TrainConfig.target_fpr} by default).")] = None,
     format: Annotated[ReportFormat, typer.Option("--format", "-f", help="Output format.")] = ReportFormat.table,
     device: DeviceOption = "auto",
     quiet: QuietOption = False,

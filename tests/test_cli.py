@@ -266,6 +266,28 @@ def test_calibrate_warns_with_few_samples_and_honours_target_fpr(model_dir, data
     assert "warning" in result.stderr
 
 
+def test_calibrating_on_good_samples_alone_keeps_the_models_own_budget(model_dir, dataset, tmp_path):
+    """A model trained for a 25% false-positive budget (a library setting) is recalibrated for 25%, not
+    for the class default of 5%; a budget given on the command line still wins."""
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(model_dir, model)
+    card_file = model / "card.yaml"
+    card_file.write_text(card_file.read_text().replace("target_fpr: 0.05", "target_fpr: 0.25", 1))
+    assert invoke("calibrate", "--model", model, "--good", dataset["good"]).exit_code == 0
+    card = ModelCard.from_yaml(card_file.read_text())
+    assert card.calibration.target_fpr == 0.25 and "target FPR 0.25" in card.thresholds.method
+    assert 0.05 < card.calibration.metrics["fpr"] <= 0.25  # 3 of 12: the budget is used, not the default's 0
+    assert invoke("calibrate", "--model", model, "--good", dataset["good"], "--target-fpr", "0.1").exit_code == 0
+    assert ModelCard.from_yaml(card_file.read_text()).calibration.target_fpr == 0.1
+
+    card_file.write_text(card_file.read_text().replace("target_fpr: 0.25", "target_fpr: lots", 1))
+    result = invoke("calibrate", "--model", model, "--good", dataset["good"])
+    assert result.exit_code == 2
+    assert "training.settings.target_fpr must be a number between 0 and 1 (exclusive), got 'lots'" in result.stderr
+
+
 def test_default_model_dir(dataset, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("AADETECT_MODEL", raising=False)
