@@ -161,8 +161,12 @@ class ModelCard:
             raise UserError(f"{source}: threshold scales must be positive")
         if self.thresholds.reconstruction <= 0 or self.thresholds.reconstruction_centre <= 0:
             raise UserError(f"{source}: thresholds.reconstruction and reconstruction_centre must be positive")
-        if self.preprocessing.channels not in (1, 3):
-            raise UserError(f"{source}: preprocessing.channels must be 1 or 3")
+        if self.architecture.channels not in (1, 3):
+            raise UserError(f"{source}: architecture.channels must be 1 or 3")
+        for name in ("image_size", "channels"):  # images are read at the architecture's; the two must agree
+            if getattr(self.preprocessing, name) != getattr(self.architecture, name):
+                raise UserError(f"{source}: preprocessing.{name} ({getattr(self.preprocessing, name)!r:.20}) "
+                                f"differs from architecture.{name} ({getattr(self.architecture, name)!r:.20})")
         if self.error_measure not in ERROR_MEASURES:
             raise UserError(f"{source}: error_measure must be one of {', '.join(ERROR_MEASURES)}, "
                             f"got {self.error_measure!r:.40}")

@@ -271,8 +271,8 @@ def load_density(model_dir: Path, card: ModelCard):
     path = _checked_file(model_dir, DENSITY_FILE, card)
     try:
         density = KernelDensity.load(path)
-    except ValueError as exc:
-        raise UserError(f"{path}: {exc}") from None
+    except ValueError as exc:  # its message names the file
+        raise UserError(str(exc)) from None
     if density.dim != card.architecture.latent_dim:
         raise UserError(f"{path}: codes have {density.dim} dimensions, the card says {card.architecture.latent_dim}")
     if density.radius != card.density.radius:

@@ -171,6 +171,8 @@ def test_closed_stdin_and_bugs_never_exit_1(model_dir, monkeypatch):
     (lambda card: card["density"].update(radius="log"), "density.radius must be one of"),
     (lambda card: card["thresholds"].update(density_scale=-1.0), "threshold scales must be positive"),
     (lambda card: card.update(density=None), "card.yaml: density must be a mapping"),
+    (lambda card: card["preprocessing"].update(channels=3), "preprocessing.channels (3) differs from architecture.channels (1)"),
+    (lambda card: card["architecture"].update(channels=2), "architecture.channels must be 1 or 3"),
 ])
 def test_damaged_card_is_refused(model_dir, dataset, tmp_path, change, fragment):
     model = copy_model(model_dir, tmp_path)
@@ -282,6 +284,25 @@ def test_models_from_before_the_code_radius_score_as_linear(dataset, tmp_path):
 
     edit_card(model, lambda card: card["density"].update(radius="sqrt"))
     assert_one_line_error(invoke("score", "--model", model, dataset["good"]), "density.npz", "radius is linear")
+
+
+@pytest.mark.parametrize("contents, reason", [
+    (b"not a zip archive", "is not a valid density file"),
+    (None, "density factor must be a positive finite number"),  # a valid archive with a bad value
+])
+def test_a_damaged_density_file_is_named_once(model_dir, dataset, tmp_path, contents, reason):
+    model = copy_model(model_dir, tmp_path)
+    density = model / "density.npz"
+    if contents is None:
+        with np.load(density) as archive:
+            state = {key: archive[key] for key in archive.files}
+        np.savez(density, **{**state, "factor": np.float64(-1.0)})
+    else:
+        density.write_bytes(contents)
+    edit_card(model, lambda card: card["files"].update({"density.npz": sha256_file(density)}))
+    result = invoke("score", "--model", model, dataset["good"])
+    assert_one_line_error(result, reason)
+    assert result.stderr.count("density.npz") == 1, result.stderr
 
 
 def test_malicious_pickle_is_refused_without_running_it(model_dir, dataset, tmp_path):
