@@ -13,7 +13,6 @@ from aadetect.config import TrainConfig
 from aadetect.metrics import confusion, decision_metrics
 from aadetect.scoring import decide
 
-OBJECTIVES = ("balanced-accuracy", "f1")
 MAX_CANDIDATES = 256  # cuts tried; keeps the search small for large calibration sets
 FEW_SAMPLES = 10
 SMALLEST_ERROR = 1e-30  # a perfect reconstruction still has a finite log error
@@ -199,6 +198,6 @@ def _metrics_at(thresholds: Thresholds, good: Measurements, anomalous: Measureme
     anomalous_flags = (decide(anomalous.reconstruction_error, anomalous.log_density, thresholds).anomaly
                        if anomalous is not None else np.zeros(0, bool))
     counts = confusion(good_flags, anomalous_flags)
-    rates = decision_metrics(counts["tp"], counts["fp"], counts["tn"], counts["fn"])
+    rates = decision_metrics(**counts)
     result = {name: float(v) for name, v in rates.items() if np.isfinite(v)}
     return {**result, **counts}

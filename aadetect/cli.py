@@ -17,7 +17,7 @@ from typing import Annotated, Optional
 import typer
 
 from aadetect import __version__
-from aadetect.config import CODE_RADII, ERROR_MEASURES, TrainConfig
+from aadetect.config import CODE_RADII, ERROR_MEASURES, OBJECTIVES, TrainConfig
 from aadetect.demo import DEMO_EPOCHS, DEMO_TRAIN_IMAGES
 from aadetect.errors import UserError
 
@@ -47,13 +47,9 @@ class ReportFormat(str, Enum):
     json = "json"
 
 
-class Objective(str, Enum):
-    balanced_accuracy = "balanced-accuracy"
-    f1 = "f1"
-
-
 ErrorMeasure = Enum("ErrorMeasure", {measure: measure for measure in ERROR_MEASURES}, type=str)
 CodeRadius = Enum("CodeRadius", {radius: radius for radius in CODE_RADII}, type=str)
+Objective = Enum("Objective", {objective: objective for objective in OBJECTIVES}, type=str)
 
 
 ModelOption = Annotated[Path, typer.Option("--model", "-m", envvar="AADETECT_MODEL",
@@ -75,7 +71,7 @@ def user_errors(command):
             return command(*args, **kwargs)
         except UserError as error:
             say(f"aadetect: error: {error}")
-            raise typer.Exit(error.exit_code) from None
+            raise typer.Exit(EXIT_USAGE) from None
         except KeyboardInterrupt:
             say("aadetect: interrupted")
             raise typer.Exit(130) from None
@@ -180,7 +176,7 @@ def calibrate(
     anomalous: Annotated[Optional[Path], typer.Option(help="Folder of labelled anomalous images.")] = None,
     model: ModelOption = Path(DEFAULT_MODEL),
     objective: Annotated[Objective, typer.Option(help="What the joint threshold search maximises.")]
-        = Objective.balanced_accuracy,
+        = Objective(OBJECTIVES[0]),
     target_fpr: Annotated[Optional[float], typer.Option(
         help="Flag at most this fraction of the good samples (with no --anomalous: the model's own training "
              f"budget, {TrainConfig.target_fpr} by default).")] = None,
@@ -216,7 +212,8 @@ def score(
     device: DeviceOption = "auto",
     quiet: QuietOption = False,
 ) -> None:
-    """Score images. Exit status: 0 all normal, 1 some anomalous, 2 usage error or unreadable input."""
+    """Score images. Exit status: 0 all normal, 1 some anomalous, 2 usage error or unreadable input,
+    130 interrupted, 141 the reader of the output left early (e.g. `| head`), 3 a bug in aadetect."""
     from aadetect.images import Unreadable, expand
     from aadetect.scoring import Detector
 

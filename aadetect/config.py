@@ -9,6 +9,7 @@ from aadetect.errors import UserError
 
 ERROR_MEASURES = ("scaled-mse", "mse", "smooth-mse", "mae", "rmse")
 CODE_RADII = ("sqrt", "linear")  # how a code's length enters the KDE (density.map_radius)
+OBJECTIVES = ("balanced-accuracy", "f1")  # what calibration's joint threshold search maximises
 AUTO = 0  # image_size == AUTO: pick the size from the data
 
 

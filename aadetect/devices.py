@@ -32,7 +32,7 @@ def resolve_device(name: str) -> str:
 def flush_denormals():
     """Denormal floats as zero, for training only: epochs slowed about 2x as the weights converged
     without it. Scoring, and the KDE and thresholds fitted after training, keep the default float
-    handling (restored on exit), so a model's numbers do not depend on the process that made them."""
+    handling (set back to it on exit), so a model's numbers do not depend on the process that made them."""
     import torch
 
     torch.set_flush_denormal(True)

@@ -8,8 +8,5 @@ def first_line(exc: BaseException, limit: int = 200) -> str:
 
 
 class UserError(Exception):
-    """Bad input or options: shown as one line at the CLI boundary, never as a traceback."""
+    """Bad input or options: shown as one line at the CLI boundary (exit 2), never as a traceback."""
 
-    def __init__(self, message: str, exit_code: int = 2):
-        super().__init__(message)
-        self.exit_code = exit_code

@@ -16,7 +16,7 @@ from aadetect import __version__
 from aadetect.card import (CARD_FILE, DENSITY_FILE, FORMAT_VERSION, REJECTED_FILE, VALIDATION_FILE, WEIGHTS_FILE,
                            ArchitectureInfo, Calibration, DataInfo, DensityInfo, ModelCard, Preprocessing,
                            TrainingInfo, read_card)
-from aadetect.config import AUTO, Architecture, TrainConfig, check_fraction
+from aadetect.config import AUTO, OBJECTIVES, Architecture, TrainConfig, check_fraction
 from aadetect.errors import UserError, first_line
 from aadetect.images import ImageRef, ImagesOnDisk, choose_image_size, find_images, image_mode, load_images
 from aadetect.progress import Reporter
@@ -266,7 +266,7 @@ def calibrate_detector(model_dir: str | Path, good: str | Path, anomalous: str |
                        device: str = "auto", reporter: Reporter | None = None):
     """Choose both thresholds from labelled samples and rewrite the card atomically."""
     from aadetect.atomic import check_writable, write_text_atomic
-    from aadetect.calibration import OBJECTIVES, Measurements, choose_thresholds
+    from aadetect.calibration import Measurements, choose_thresholds
     from aadetect.scoring import Detector
 
     reporter = reporter or Reporter()
@@ -319,7 +319,7 @@ def evaluate_detector(model_dir: str | Path, good: str | Path, anomalous: str | 
         "combined": (good_set.score, anomalous_set.score),
     }
     counts = confusion(good_set.anomaly, anomalous_set.anomaly)
-    rates = decision_metrics(counts["tp"], counts["fp"], counts["tn"], counts["fn"])
+    rates = decision_metrics(**counts)
     return {
         "auroc": {name: auroc(*pair) for name, pair in signals.items()},
         "auprc": {name: average_precision(*pair) for name, pair in signals.items()},

@@ -12,7 +12,7 @@ class Reporter:
     """Silent: what library calls get unless the caller wants to see progress."""
 
     @contextmanager
-    def progress(self, description: str, total: int | None, unit: str = "images") -> Iterator[Advance]:
+    def progress(self, description: str, total: int | None) -> Iterator[Advance]:
         yield lambda count=1, description=None: None
 
     def warn(self, message: str) -> None:
@@ -32,7 +32,7 @@ class ConsoleReporter(Reporter):
         self.quiet = quiet
 
     @contextmanager
-    def progress(self, description: str, total: int | None, unit: str = "images") -> Iterator[Advance]:
+    def progress(self, description: str, total: int | None) -> Iterator[Advance]:
         if self.quiet:
             yield lambda count=1, description=None: None
             return
@@ -43,7 +43,7 @@ class ConsoleReporter(Reporter):
         class SpeedColumn(ProgressColumn):
             def render(self, task) -> Text:
                 speed = task.finished_speed or task.speed
-                return Text(f"{speed:,.0f} {unit}/s" if speed else "")
+                return Text(f"{speed:,.0f} images/s" if speed else "")
 
         columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), SpeedColumn(),
                    TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn()]

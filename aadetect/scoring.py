@@ -63,7 +63,7 @@ def decide(reconstruction_error: np.ndarray, log_density: np.ndarray, thresholds
 
 
 class Detector:
-    """A trained adversarial autoencoder with its latent KDE and decision thresholds."""
+    """A trained autoencoder (its adversarial prior is optional) with its latent KDE and decision thresholds."""
 
     def __init__(self, model, density, thresholds: Thresholds, error_measure: str, device: str = "cpu"):
         self.model = model.to(device).eval()
