@@ -23,7 +23,6 @@ def run_demo(out: str | Path, *, seed: int = 0, epochs: int = DEMO_EPOCHS, train
     """Write the demo images under `out`, train a model there and return the test-split evaluation."""
     from aadetect.pipeline import calibrate_detector, evaluate_detector, train_detector
     from aadetect.synthetic import write_demo_dataset
-
     from aadetect.train import validation_size
 
     reporter = reporter or Reporter()

@@ -332,7 +332,7 @@ class KernelDensity:
             array = np.asarray(queries)
             if not (np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)):
                 raise ValueError(f"queries must be a numeric array, got dtype {array.dtype}")
-            q = torch.from_numpy(np.array(array, dtype=np.float64, order="C")).to(device)  # a copy: read-only arrays too
+            q = torch.from_numpy(np.array(array, dtype=np.float64, order="C")).to(device)  # a copy, so read-only too
         if q.ndim != 2 or q.shape[1] != self.dim:
             raise ValueError(f"queries must have shape (m, {self.dim}), got {tuple(q.shape)}")
         if not bool(torch.isfinite(q).all()):
