@@ -439,8 +439,8 @@ def test_demo_runs_the_whole_job(tmp_path):
 
 
 def test_demo_refuses_too_few_training_images_before_writing_any(tmp_path):
-    # 52 passed the old check (at least 20) and failed after writing every image, pointing at an
-    # option (--latent-dim) that demo does not have
+    # the old check (at least 20) let 20-37 through, to fail after writing every image and point at
+    # an option (--latent-dim) that demo does not have; the minimum now leaves room for rejections
     result = invoke("demo", "--out", tmp_path / "demo", "--epochs", "1", "--train-images", "52")
     assert result.exit_code == 2
     assert result.stderr.strip() == ("aadetect: error: --train-images must be at least 53 (1.5 times the 32 latent "
