@@ -7,6 +7,7 @@ commands, so that `aadetect --help` and `aadetect --version` start instantly.
 from __future__ import annotations
 
 import functools
+import io
 import json
 import os
 import sys
@@ -393,4 +394,10 @@ def main() -> None:
     # so it can be piped back in, instead of failing on a strict output encoding.
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(errors="surrogateescape")
+    if isinstance(getattr(sys.stdout, "buffer", None), io.FileIO):
+        # PYTHONUNBUFFERED (common in CI images) writes straight to the file, and a write that a pipe
+        # takes only part of (a big table, then `| head`) is cut short without an error. A buffered
+        # writer writes the rest, or raises BrokenPipeError: exit 141.
+        sys.stdout = io.TextIOWrapper(io.BufferedWriter(sys.stdout.buffer), encoding=sys.stdout.encoding,
+                                      errors="surrogateescape", line_buffering=True)
     app()

@@ -552,6 +552,22 @@ def test_a_reader_that_leaves_before_a_table_is_not_reported_as_anomalies(model_
     assert b"Traceback" not in process.stderr.read()
 
 
+def test_a_reader_that_leaves_during_a_big_table_is_noticed_under_pythonunbuffered(model_dir, dataset, tmp_path):
+    """PYTHONUNBUFFERED=1 (common in CI images) made a write that the pipe took only part of end
+    quietly: the rest of the table was lost and the exit said "anomalous"."""
+    from PIL import Image
+
+    pixels = np.stack([np.asarray(Image.open(p)) for p in sorted(dataset["anomalous"].iterdir())] * 250)
+    np.save(tmp_path / "many.npy", pixels)  # 3,000 rows, a table far larger than a pipe buffers
+    process = subprocess.Popen([sys.executable, "-m", "aadetect", "score", "--model", str(model_dir), "--quiet",
+                                str(tmp_path / "many.npy")], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert process.stdout.readline()  # like `| head -1`, once the table has begun
+    process.stdout.close()
+    assert process.wait(timeout=300) == 141
+    assert b"Traceback" not in process.stderr.read()
+
+
 def test_a_closed_stdout_is_one_line_of_error(model_dir, dataset):
     image = sorted(dataset["good"].iterdir())[0]
     result = subprocess.run([sys.executable, "-m", "aadetect", "score", "--model", str(model_dir), str(image)],
