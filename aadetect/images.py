@@ -55,7 +55,8 @@ def find_images(path: str | os.PathLike) -> list[ImageRef]:
 
 
 def _walk_images(root: Path) -> list[Path]:
-    """Recursive search that follows symlinked folders but never loops."""
+    """Recursive search that follows symlinked folders but never loops. Hidden files and folders
+    (macOS's `._x.png` resource forks, `.ipynb_checkpoints` copies) are not the user's images."""
     found: list[Path] = []
     seen: set[tuple[int, int]] = set()
     for folder, subfolders, files in os.walk(root, followlinks=True):
@@ -64,8 +65,9 @@ def _walk_images(root: Path) -> list[Path]:
             subfolders.clear()
             continue
         seen.add((stat.st_dev, stat.st_ino))
-        subfolders.sort()
-        found.extend(Path(folder) / f for f in files if Path(f).suffix.lower() in IMAGE_SUFFIXES)
+        subfolders[:] = sorted(name for name in subfolders if not name.startswith("."))
+        found.extend(Path(folder) / f for f in files
+                     if not f.startswith(".") and Path(f).suffix.lower() in IMAGE_SUFFIXES)
     return sorted(found)
 
 
@@ -97,16 +99,16 @@ def _read_array(path: Path) -> np.ndarray:
                 raise UserError(f"{path}: holds no arrays")
             if key is None:
                 raise UserError(f"{path}: holds several arrays {keys}; name the images array 'images'")
+            declared = _declared_shape(loaded, key)
+            if declared is not None:  # before decompressing: a few MB may declare gigapixels
+                _check_shape(path, declared)
             try:
                 array = loaded[key]
             except Exception as exc:
                 raise UserError(f"{path}: cannot read array {key!r} ({first_line(exc)})") from None
     else:
         array = loaded
-    if array.ndim == 4 and array.shape[-1] not in (1, 3, 4):
-        raise UserError(f"{path}: expected images shaped (N,H,W) or (N,H,W,C) with C in 1, 3, 4; got {array.shape}")
-    if array.ndim not in (3, 4) or array.shape[0] == 0 or min(array.shape[1:3]) < 1:
-        raise UserError(f"{path}: expected images shaped (N,H,W) or (N,H,W,C); got {array.shape}")
+    _check_shape(path, array.shape)  # a .npy is memory-mapped: no pixel has been read yet
     if not (np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)
             or array.dtype == np.bool_):
         raise UserError(f"{path}: unsupported dtype {array.dtype} (use uint8, or floats in [0, 1])")
@@ -117,6 +119,33 @@ def _read_array(path: Path) -> np.ndarray:
     while len(_ARRAY_CACHE) > ARRAY_CACHE_FILES:
         del _ARRAY_CACHE[next(iter(_ARRAY_CACHE))]  # the least recently used
     return array
+
+
+def _check_shape(path: Path, shape: tuple) -> None:
+    if len(shape) == 4 and shape[-1] not in (1, 3, 4):
+        raise UserError(f"{path}: expected images shaped (N,H,W) or (N,H,W,C) with C in 1, 3, 4; got {shape}")
+    if len(shape) not in (3, 4) or min(shape[1:3]) < 1:
+        raise UserError(f"{path}: expected images shaped (N,H,W) or (N,H,W,C); got {shape}")
+    if shape[0] == 0:
+        raise UserError(f"{path}: holds no images (shape {shape})")
+    if shape[1] * shape[2] > MAX_PIXELS:  # the limit image files have
+        raise UserError(f"{path}: images too large ({shape[2]}x{shape[1]}, over {MAX_PIXELS:,} pixels)")
+
+
+def _declared_shape(archive, key: str) -> tuple | None:
+    """The shape an .npz entry's header declares, read without decompressing its data; None where
+    the header cannot be read this way (numpy then reports the problem when it loads the entry)."""
+    from numpy.lib import format as npy
+
+    try:
+        with archive.zip.open(f"{key}.npy") as member:
+            version = npy.read_magic(member)
+            if version not in ((1, 0), (2, 0)):
+                return None
+            read_header = npy.read_array_header_1_0 if version == (1, 0) else npy.read_array_header_2_0
+            return tuple(read_header(member)[0])
+    except Exception:  # a damaged archive: let the load below name the problem
+        return None
 
 
 def native_order(values: np.ndarray) -> np.ndarray:
@@ -134,7 +163,7 @@ def out_of_range(values: np.ndarray) -> str | None:
         return "contains NaN or infinite values"
     low, high = float(values.min()), float(values.max())
     if np.issubdtype(values.dtype, np.floating) and (low < 0.0 or high > 1.0):
-        return f"float pixels must lie in [0, 1], these span {low:.4g} to {high:.4g}"
+        return f"float pixels must lie in [0, 1], these span {low:.9g} to {high:.9g}"  # 1.0000001 is out
     if np.issubdtype(values.dtype, np.integer) and (low < 0 or high > 255):
         return (f"{values.dtype} pixels must lie in 0-255 (or be uint16 for 16-bit images), "
                 f"these span {low:.0f} to {high:.0f}")
@@ -214,7 +243,22 @@ def _open(ref: ImageRef):
     if image.width * image.height > MAX_PIXELS:
         image.close()
         raise UserError(f"{ref.name}: image too large ({image.width}x{image.height}, over {MAX_PIXELS:,} pixels)")
+    frames = _frame_count(image)
+    if frames > 1:  # judging the first page alone would miss a defect on any other
+        image.close()
+        raise UserError(f"{ref.name}: holds {frames} pages or frames; save each as an image of its own")
     return image
+
+
+def _frame_count(image) -> int:
+    """Pages of a TIFF, frames of an animated PNG; 1 for a camera's MPO JPEG, whose extra frames are
+    previews of the first. A damaged page table counts as 1 here and fails in decoding."""
+    if image.format == "MPO":
+        return 1
+    try:
+        return int(getattr(image, "n_frames", 1))
+    except Exception:  # Pillow raises many types on corrupt data
+        return 1
 
 
 def _is_empty(path: Path) -> bool:

@@ -227,6 +227,32 @@ def test_folder_search_is_recursive_sorted_and_survives_symlink_loops(tmp_path):
     assert found == ["a/y.JPG", "b/deeper/x.png", "z.bmp"]
 
 
+def test_folder_search_skips_hidden_files_and_folders(tmp_path):
+    """macOS's AppleDouble `._x.png` files are not images at all; notebook checkpoints are copies."""
+    (tmp_path / ".ipynb_checkpoints").mkdir()
+    (tmp_path / "sub").mkdir()
+    for path in (tmp_path / "a.png", tmp_path / "sub" / "b.png", tmp_path / ".ipynb_checkpoints" / "a-checkpoint.png",
+                 tmp_path / ".hidden.png"):
+        Image.fromarray(gradient()).save(path)
+    (tmp_path / "._a.png").write_bytes(b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        ")
+    found = [ref.path.relative_to(tmp_path).as_posix() for ref in find_images(tmp_path)]
+    assert found == ["a.png", "sub/b.png"]
+    assert [ref.path for ref in find_images(tmp_path / ".hidden.png")] == [tmp_path / ".hidden.png"]  # named: read
+
+
+@pytest.mark.parametrize("suffix", [".tif", ".png"])
+def test_files_of_several_pages_or_frames_are_refused(tmp_path, suffix):
+    """Judged on its first page alone, a stack would pass whatever its other pages show."""
+    first, black = Image.fromarray(gradient()), Image.new("L", (20, 12))
+    path = tmp_path / f"stack{suffix}"
+    first.save(path, save_all=True, append_images=[black, black])
+    for read in (lambda ref: decode(ref, 16, 1), image_mode):
+        with pytest.raises(UserError, match=rf"stack{suffix}: holds 3 pages or frames; save each as an image"):
+            read(ImageRef(path))
+    first.save(tmp_path / f"one{suffix}", save_all=True)  # one page, written the same way: read
+    assert decode(ImageRef(tmp_path / f"one{suffix}"), 16, 1).shape == (1, 16, 16)
+
+
 @pytest.mark.parametrize("files, target, reason", [
     ({}, "missing", "no such file or folder"),
     ({"empty/": b""}, "empty", "no images found"),
@@ -251,6 +277,9 @@ def test_paths_that_hold_no_images(tmp_path, files, target, reason):
     (np.full((4, 8, 8), np.inf, np.float32), "NaN or infinite"),
     (np.zeros((4, 8, 8), np.complex64), "unsupported dtype"),
     (np.full((4, 8, 8), 200.0), r"float pixels must lie in \[0, 1\], these span 200 to 200"),
+    (np.r_[np.full((1, 8, 8), 0.5, np.float32), np.full((1, 8, 8), np.nextafter(np.float32(1), 2), np.float32)],
+     r"these span 0.5 to 1.00000012$"),  # not "0.5 to 1", which reads as inside [0, 1]
+    (np.zeros((0, 8, 8), np.uint8), r"holds no images \(shape \(0, 8, 8\)\)"),
     (np.full((4, 8, 8), 300, np.int64), "int64 pixels must lie in 0-255"),
     (np.full((4, 8, 8), -1, np.int8), "int8 pixels must lie in 0-255"),
 ])
@@ -260,6 +289,22 @@ def test_bad_arrays(tmp_path, array, reason):
         np.save(path, array) if suffix == ".npy" else np.savez(path, images=array)
         with pytest.raises(UserError, match=reason):
             find_images(path)
+
+
+def test_arrays_of_too_large_images_are_refused_before_their_pixels_are_read(tmp_path):
+    import tracemalloc
+
+    pixels = np.zeros((1, 9000, 8000), np.uint8)  # 72 megapixels, as the image-file limit
+    np.savez_compressed(tmp_path / "bomb.npz", images=pixels)  # about 70 kB on disk
+    np.save(tmp_path / "bomb.npy", pixels)
+    del pixels
+    for name in ("bomb.npz", "bomb.npy"):
+        tracemalloc.start()
+        with pytest.raises(UserError, match=rf"{name}: images too large \(8000x9000, over 64,000,000 pixels\)"):
+            find_images(tmp_path / name)
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert peak < 8_000_000, f"{name}: {peak:,} bytes allocated"
 
 
 def test_an_npz_without_arrays(tmp_path):
