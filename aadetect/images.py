@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -25,39 +25,47 @@ GRAYSCALE_MODES = {"1", "L", "LA", "I", "F", "I;16", "I;16L", "I;16B", "I;16N"}
 
 @dataclass(frozen=True)
 class ImageRef:
-    """Where one image comes from: a file, or one entry of a .npy/.npz array."""
+    """Where one image comes from: a file, or one entry of a .npy/.npz array.
+
+    `shown` is the path as the user spelled it (`./incoming/a.png`, which `Path` would shorten to
+    `incoming/a.png`), so that output rows can be joined back to the list a pipeline fed in.
+    """
 
     path: Path
     index: int | None = None
+    shown: str | None = field(default=None, compare=False)
 
     @property
     def name(self) -> str:
-        return str(self.path) if self.index is None else f"{self.path}[{self.index}]"
+        base = str(self.path) if self.shown is None else self.shown
+        return base if self.index is None else f"{base}[{self.index}]"
 
 
 def find_images(path: str | os.PathLike) -> list[ImageRef]:
     """All images under a folder (recursively, sorted), in an array file, or the one image file."""
-    path = Path(path)
+    given = os.fspath(path)
+    path = Path(given)
     if not path.exists():
-        raise UserError(f"{path}: no such file or folder")
+        raise UserError(f"{given}: no such file or folder")
     if path.is_dir():
-        refs = [ImageRef(p) for p in _walk_images(path)]
+        refs = [ImageRef(Path(found), shown=found) for found in _walk_images(given)]
         if not refs:
-            raise UserError(f"{path}: no images found (looked for {', '.join(IMAGE_SUFFIXES)})")
+            raise UserError(f"{given}: no images found (looked for {', '.join(IMAGE_SUFFIXES)})")
         return refs
     suffix = path.suffix.lower()
     if suffix in ARRAY_SUFFIXES:
-        return [ImageRef(path, i) for i in range(len(_read_array(path)))]
+        return [ImageRef(path, i, shown=given) for i in range(len(_read_array(path, given)))]
     if suffix in IMAGE_SUFFIXES:
-        return [ImageRef(path)]
-    raise UserError(f"{path}: unsupported format {suffix or '(no suffix)'!r} "
+        return [ImageRef(path, shown=given)]
+    raise UserError(f"{given}: unsupported format {suffix or '(no suffix)'!r} "
                     f"(supported: {', '.join(IMAGE_SUFFIXES + ARRAY_SUFFIXES)})")
 
 
-def _walk_images(root: Path) -> list[Path]:
-    """Recursive search that follows symlinked folders but never loops. Hidden files and folders
-    (macOS's `._x.png` resource forks, `.ipynb_checkpoints` copies) are not the user's images."""
-    found: list[Path] = []
+def _walk_images(root: str) -> list[str]:
+    """Recursive search that follows symlinked folders but never loops; paths begin as `root` is
+    spelled. Hidden files and folders (macOS's `._x.png` resource forks, `.ipynb_checkpoints`
+    copies) are not the user's images."""
+    found: list[str] = []
     seen: set[tuple[int, int]] = set()
     for folder, subfolders, files in os.walk(root, followlinks=True):
         stat = os.stat(folder)
@@ -66,22 +74,24 @@ def _walk_images(root: Path) -> list[Path]:
             continue
         seen.add((stat.st_dev, stat.st_ino))
         subfolders[:] = sorted(name for name in subfolders if not name.startswith("."))
-        found.extend(Path(folder) / f for f in files
+        found.extend(os.path.join(folder, f) for f in files
                      if not f.startswith(".") and Path(f).suffix.lower() in IMAGE_SUFFIXES)
-    return sorted(found)
+    return sorted(found, key=Path)  # the order of the paths' parts, whatever the spelling
 
 
 _ARRAY_CACHE: dict[Path, tuple[tuple, np.ndarray]] = {}  # path -> (its file's stamp, the checked array)
 ARRAY_CACHE_FILES = 2  # entries of one file are decoded one by one; a notebook reading many files keeps only these
 
 
-def _read_array(path: Path) -> np.ndarray:
+def _read_array(path: Path, shown: str | None = None) -> np.ndarray:
     """Load and check a (N,H,W) or (N,H,W,C) image array once per version of the file: one rewritten
-    since (in a notebook, say) is read afresh, never served from the old copy."""
+    since (in a notebook, say) is read afresh, never served from the old copy. Errors name the
+    file as `shown`."""
+    name = str(path) if shown is None else shown
     try:
         info = path.stat()
     except OSError as exc:
-        raise UserError(f"{path}: cannot read ({exc.strerror or exc})") from None
+        raise UserError(f"{name}: cannot read ({exc.strerror or exc})") from None
     stamp = (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
     cached = _ARRAY_CACHE.pop(path, None)
     if cached is not None and cached[0] == stamp:
@@ -90,46 +100,46 @@ def _read_array(path: Path) -> np.ndarray:
     try:
         loaded = np.load(path, allow_pickle=False, mmap_mode="r" if path.suffix.lower() == ".npy" else None)
     except Exception as exc:  # numpy raises many types for bad files
-        raise UserError(f"{path}: not a readable numpy file ({first_line(exc)})") from None
+        raise UserError(f"{name}: not a readable numpy file ({first_line(exc)})") from None
     if isinstance(loaded, np.lib.npyio.NpzFile):
         with loaded:
             keys = list(loaded.keys())
             key = next((k for k in ("images", "x", "X", "arr_0") if k in keys), keys[0] if len(keys) == 1 else None)
             if not keys:
-                raise UserError(f"{path}: holds no arrays")
+                raise UserError(f"{name}: holds no arrays")
             if key is None:
-                raise UserError(f"{path}: holds several arrays {keys}; name the images array 'images'")
+                raise UserError(f"{name}: holds several arrays {keys}; name the images array 'images'")
             declared = _declared_shape(loaded, key)
             if declared is not None:  # before decompressing: a few MB may declare gigapixels
-                _check_shape(path, declared)
+                _check_shape(name, declared)
             try:
                 array = loaded[key]
             except Exception as exc:
-                raise UserError(f"{path}: cannot read array {key!r} ({first_line(exc)})") from None
+                raise UserError(f"{name}: cannot read array {key!r} ({first_line(exc)})") from None
     else:
         array = loaded
-    _check_shape(path, array.shape)  # a .npy is memory-mapped: no pixel has been read yet
+    _check_shape(name, array.shape)  # a .npy is memory-mapped: no pixel has been read yet
     if not (np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)
             or array.dtype == np.bool_):
-        raise UserError(f"{path}: unsupported dtype {array.dtype} (use uint8, or floats in [0, 1])")
+        raise UserError(f"{name}: unsupported dtype {array.dtype} (use uint8, or floats in [0, 1])")
     problem = out_of_range(array)
     if problem:
-        raise UserError(f"{path}: {problem}")
+        raise UserError(f"{name}: {problem}")
     _ARRAY_CACHE[path] = (stamp, array)
     while len(_ARRAY_CACHE) > ARRAY_CACHE_FILES:
         del _ARRAY_CACHE[next(iter(_ARRAY_CACHE))]  # the least recently used
     return array
 
 
-def _check_shape(path: Path, shape: tuple) -> None:
+def _check_shape(name: str, shape: tuple) -> None:
     if len(shape) == 4 and shape[-1] not in (1, 3, 4):
-        raise UserError(f"{path}: expected images shaped (N,H,W) or (N,H,W,C) with C in 1, 3, 4; got {shape}")
+        raise UserError(f"{name}: expected images shaped (N,H,W) or (N,H,W,C) with C in 1, 3, 4; got {shape}")
     if len(shape) not in (3, 4) or min(shape[1:3]) < 1:
-        raise UserError(f"{path}: expected images shaped (N,H,W) or (N,H,W,C); got {shape}")
+        raise UserError(f"{name}: expected images shaped (N,H,W) or (N,H,W,C); got {shape}")
     if shape[0] == 0:
-        raise UserError(f"{path}: holds no images (shape {shape})")
+        raise UserError(f"{name}: holds no images (shape {shape})")
     if shape[1] * shape[2] > MAX_PIXELS:  # the limit image files have
-        raise UserError(f"{path}: images too large ({shape[2]}x{shape[1]}, over {MAX_PIXELS:,} pixels)")
+        raise UserError(f"{name}: images too large ({shape[2]}x{shape[1]}, over {MAX_PIXELS:,} pixels)")
 
 
 def _declared_shape(archive, key: str) -> tuple | None:
@@ -188,7 +198,7 @@ def to_uint8(values: np.ndarray) -> np.ndarray:
 def image_mode(ref: ImageRef) -> tuple[int, int, int]:
     """(width, height, channels) read from the header alone, without decoding pixels."""
     if ref.index is not None:
-        array = _read_array(ref.path)
+        array = _read_array(ref.path, ref.shown)
         channels = 1 if array.ndim == 3 or array.shape[-1] == 1 else 3
         return array.shape[2], array.shape[1], channels
     with _open(ref) as image:
@@ -200,7 +210,7 @@ def decode(ref: ImageRef, size: int, channels: int) -> np.ndarray:
     from PIL import Image
 
     if ref.index is not None:
-        array = _read_array(ref.path)
+        array = _read_array(ref.path, ref.shown)
         if ref.index >= len(array):
             raise UserError(f"{ref.name}: no such image (the array now holds {len(array)})")
         pixels = to_uint8(np.asarray(array[ref.index]))

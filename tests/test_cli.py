@@ -499,3 +499,17 @@ def test_score_images_takes_image_refs_and_says_so_otherwise(model_dir, dataset)
                           ([ref.path for ref in refs], f"got a {path_type} among them")]:
         with pytest.raises(UserError, match=r"score_images takes ImageRefs, as find_images\(path\) returns; " + reason):
             list(detector.score_images(wrong))
+
+
+def test_paths_are_echoed_as_given_so_rows_join_back_to_the_input_list(model_dir, dataset, monkeypatch):
+    """`find ./incoming | aadetect score -` must give rows whose path is find's line, not Path's shortening."""
+    monkeypatch.chdir(dataset["good"].parent)
+    folder = dataset["good"].name
+    first = sorted(dataset["good"].iterdir())[0].name
+    given = [f"./{folder}/{first}", f"{folder}//{first}", f"./{folder}/missing.png"]
+    rows = jsonl(invoke("score", "--model", model_dir, "--format", "jsonl", "-", input="\n".join(given) + "\n").stdout)
+    assert [row["path"] for row in rows] == given
+    assert rows[2]["error"].startswith(f"./{folder}/missing.png: ")
+    assert rows[0]["score"] == rows[1]["score"]
+    walked = jsonl(invoke("score", "--model", model_dir, "--format", "jsonl", f"./{folder}/").stdout)
+    assert walked[0]["path"] == f"./{folder}/{first}" and walked[0]["score"] == rows[0]["score"]
