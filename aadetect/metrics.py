@@ -18,13 +18,13 @@ def auroc(good_scores: np.ndarray, anomalous_scores: np.ndarray) -> float:
 
 def average_precision(good_scores: np.ndarray, anomalous_scores: np.ndarray) -> float:
     """Area under the precision-recall curve as the mean precision at each recall step (tied scores grouped)."""
-    scores = np.concatenate([anomalous_scores, good_scores])
+    scores = np.concatenate([anomalous_scores, good_scores]).astype(np.float64)
     labels = np.concatenate([np.ones(len(anomalous_scores)), np.zeros(len(good_scores))])
-    if len(anomalous_scores) == 0:
+    if len(anomalous_scores) == 0 or np.isnan(scores).any():  # NaN has no rank (as in auroc)
         return float("nan")
     order = np.argsort(-scores, kind="stable")
     scores, labels = scores[order], labels[order]
-    last_of_group = np.r_[np.flatnonzero(np.diff(scores)), len(scores) - 1]
+    last_of_group = np.r_[np.flatnonzero(scores[1:] != scores[:-1]), len(scores) - 1]  # inf - inf is no step
     true_positives = np.cumsum(labels)[last_of_group]
     flagged = last_of_group + 1
     precision = true_positives / flagged

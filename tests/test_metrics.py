@@ -38,6 +38,13 @@ def test_auroc_and_average_precision_match_definitions(seed):
                                                                 abs=1e-12)
 
 
+def test_average_precision_groups_infinite_ties_and_has_no_value_with_nan():
+    good, anomalous = np.array([1.0, np.inf]), np.array([np.inf])
+    assert average_precision(good, anomalous) == threshold_average_precision(good, anomalous) == 0.5
+    assert average_precision(np.array([-np.inf, 0.0]), np.array([-np.inf])) == pytest.approx(1 / 3)
+    assert np.isnan(average_precision(np.array([np.nan, 0.0]), np.array([1.0])))
+
+
 def test_perfect_and_inverted_rankings():
     good, anomalous = np.array([0.0, 1.0, 2.0]), np.array([3.0, 4.0])
     assert auroc(good, anomalous) == 1.0 and average_precision(good, anomalous) == 1.0
