@@ -10,6 +10,7 @@ import numpy as np
 
 from aadetect.card import Thresholds
 from aadetect.config import TrainConfig
+from aadetect.errors import UserError
 from aadetect.metrics import confusion, decision_metrics
 from aadetect.scoring import decide
 
@@ -96,6 +97,7 @@ def height_for_fpr(thresholds: Thresholds, good: Measurements, target_fpr: float
 
 def default_thresholds(validation: Measurements, target_fpr: float) -> Thresholds:
     """Thresholds from held-out good images alone: both at one height, for a false-positive budget."""
+    _check_finite(validation, "held-out good images")
     centred = centred_thresholds(validation, method="")
     height = height_for_fpr(centred, validation, target_fpr)
     return at_height(centred, height, height, calibrated=False,
@@ -140,27 +142,30 @@ def _flagged(cuts: np.ndarray, error_height: np.ndarray, density_height: np.ndar
 
 
 def choose_thresholds(thresholds: Thresholds, good: Measurements, anomalous: Measurements | None, *,
-                      objective: str = "balanced-accuracy", target_fpr: float | None = None) -> CalibrationResult:
+                      objective: str = "balanced-accuracy", target_fpr: float | None = None,
+                      default_fpr: float = TrainConfig.target_fpr) -> CalibrationResult:
     """Search both cuts jointly for the best expected objective on the samples.
 
     A few samples are a coarse picture: counted, one odd good image can drag a cut across a wide
     gap. So each sample counts as a small Gaussian bump (Silverman's bandwidth, per class and
     signal), and the cuts maximise the expected objective. Cuts are heights above the good
     centres, in scale units. Pairs within NEAR_BEST of the best count as ties, and the one with
-    both cuts at the same height wins (then the better value, then the widest margin): `score`
-    then ranks images by both signals alike, which ranked MNIST best; a clearly weaker signal
-    still gets pushed out when that is clearly better (benchmarks/RESULTS.md). A false-positive
-    budget is kept on the samples as counted. With no anomalous samples, both cuts sit at one
-    height set by a false-positive budget.
+    both cuts at the same height (within a quarter unit) wins (then the better value, then the
+    widest margin): `score` then ranks images by both signals alike, which ranked MNIST best; a
+    clearly weaker signal still gets pushed out when that is clearly better
+    (benchmarks/RESULTS.md). A false-positive budget is kept on the samples as counted. With no
+    anomalous samples, or anomalous samples that no pair of cuts tells from the good ones, both
+    cuts sit at one height set by a false-positive budget (`target_fpr`, else `default_fpr`).
     """
+    _check_finite(good, "good samples")
+    if anomalous is not None:
+        _check_finite(anomalous, "anomalous samples")
     warnings = [f"only {n} {label} samples: thresholds are rough; 10 or more of each are advised"
                 for label, n in (("good", len(good)), ("anomalous", len(anomalous) if anomalous else 0))
                 if 0 < n < FEW_SAMPLES]
+    budget = default_fpr if target_fpr is None else target_fpr
     if anomalous is None or len(anomalous) == 0:
-        budget = TrainConfig.target_fpr if target_fpr is None else target_fpr  # as training's defaults
-        height = height_for_fpr(thresholds, good, budget)
-        calibrated = at_height(thresholds, height, height, calibrated=True,
-                               method=f"good samples only, target FPR {budget}")
+        calibrated = _good_only(thresholds, good, budget)
         return CalibrationResult(calibrated, _metrics_at(calibrated, good, None), warnings)
 
     def as_heights(samples: Measurements) -> tuple[np.ndarray, np.ndarray]:
@@ -190,7 +195,28 @@ def choose_thresholds(thresholds: Thresholds, good: Measurements, anomalous: Mea
     i, j = np.unravel_index(pick, value.shape)
     method = f"joint search maximising {objective}" + (f" at FPR <= {target_fpr}" if target_fpr is not None else "")
     calibrated = at_height(thresholds, float(cuts[i]), float(cuts[j]), calibrated=True, method=method)
-    return CalibrationResult(calibrated, _metrics_at(calibrated, good, anomalous), warnings)
+    metrics = _metrics_at(calibrated, good, anomalous)
+    if metrics["balanced_accuracy"] <= 0.5:  # no better than chance: the widest margin lies below every sample
+        calibrated = _good_only(thresholds, good, budget)
+        warnings.append(f"no thresholds tell the anomalous samples from the good ones (balanced accuracy "
+                        f"{metrics['balanced_accuracy']:.2f} at best): set from the good samples alone, for a "
+                        f"false-positive budget of {budget}; check the labels, and whether the anomalies "
+                        f"differ from the good images in a way the model can see")
+        metrics = _metrics_at(calibrated, good, anomalous)
+    return CalibrationResult(calibrated, metrics, warnings)
+
+
+def _good_only(thresholds: Thresholds, good: Measurements, budget: float) -> Thresholds:
+    height = height_for_fpr(thresholds, good, budget)
+    return at_height(thresholds, height, height, calibrated=True, method=f"good samples only, target FPR {budget}")
+
+
+def _check_finite(samples: Measurements, label: str) -> None:
+    """NaN or infinite measurements (a model whose training diverged) have no place on any cut."""
+    broken = ~(np.isfinite(samples.reconstruction_error) & np.isfinite(samples.log_density))
+    if broken.any():
+        raise UserError(f"{int(broken.sum())} of {len(samples)} {label} have a NaN or infinite reconstruction "
+                        f"error or log-density: the model is broken (did its training diverge?)")
 
 
 def _metrics_at(thresholds: Thresholds, good: Measurements, anomalous: Measurements | None) -> dict[str, float]:

@@ -284,14 +284,15 @@ def calibrate_detector(model_dir: str | Path, good: str | Path, anomalous: str |
     unreadable = good_set.errors + (anomalous_set.errors if anomalous_set else [])
     if unreadable:  # a few samples set both thresholds: one silently missing would move them
         raise UserError(f"{unreadable_summary(unreadable)}; the card is unchanged")
-    if target_fpr is None and not anomalous_set:  # good samples alone: the budget the model was trained for
-        target_fpr = card.training.settings.get("target_fpr", TrainConfig.target_fpr)
-        if isinstance(target_fpr, bool) or not isinstance(target_fpr, (int, float)) or not 0 < target_fpr < 1:
-            raise UserError(f"{model_dir / CARD_FILE}: training.settings.target_fpr must be a number between "
-                            f"0 and 1 (exclusive), got {target_fpr!r}")
+    model_fpr = card.training.settings.get("target_fpr", TrainConfig.target_fpr)  # the budget it was trained for
+    if isinstance(model_fpr, bool) or not isinstance(model_fpr, (int, float)) or not 0 < model_fpr < 1:
+        raise UserError(f"{model_dir / CARD_FILE}: training.settings.target_fpr must be a number between "
+                        f"0 and 1 (exclusive), got {model_fpr!r}")
+    if target_fpr is None and not anomalous_set:  # good samples alone: recorded as the budget they were set for
+        target_fpr = model_fpr
     as_measurements = lambda s: Measurements(s.reconstruction_error, s.log_density) if s else None  # noqa: E731
     result = choose_thresholds(card.thresholds, as_measurements(good_set), as_measurements(anomalous_set),
-                               objective=objective, target_fpr=target_fpr)
+                               objective=objective, target_fpr=target_fpr, default_fpr=model_fpr)
     for warning in result.warnings:
         reporter.warn(warning)
     card.thresholds = result.thresholds

@@ -139,3 +139,30 @@ def test_degenerate_held_out_images_give_usable_thresholds(errors, densities):
     values = [thresholds.reconstruction, thresholds.density, thresholds.reconstruction_scale, thresholds.density_scale]
     assert all(math.isfinite(v) for v in values) and thresholds.reconstruction > 0
     assert decide(errors, densities, thresholds).anomaly.mean() <= 0.05
+
+
+def test_samples_that_nothing_tells_apart_fall_back_to_the_good_images_budget():
+    """Identical classes tie every pair of cuts; the widest margin then lay below every sample and
+    flagged all good images, without a word."""
+    rng = np.random.default_rng(3)
+    validation = sample(rng, 40, 0.0, 0.0)
+    same = sample(rng, 10, 0.0, 0.0)
+    result = choose_thresholds(centred_thresholds(validation, "test"), same, same, default_fpr=0.2)
+    assert result.thresholds.method == "good samples only, target FPR 0.2"
+    assert result.metrics["fpr"] <= 0.2 and result.metrics["balanced_accuracy"] <= 0.5
+    assert any("no thresholds tell the anomalous samples from the good ones" in w for w in result.warnings)
+    informative = choose_thresholds(centred_thresholds(validation, "test"), same, sample(rng, 10, 6.0, -6.0))
+    assert informative.thresholds.method.startswith("joint search") and not informative.warnings
+
+
+@pytest.mark.parametrize("broken", [np.nan, np.inf])
+def test_nan_or_infinite_measurements_are_refused_in_one_line(broken):
+    from aadetect.errors import UserError
+
+    rng = np.random.default_rng(4)
+    good, anomalous = sample(rng, 10, 0.0, 0.0), sample(rng, 10, 6.0, -6.0)
+    good.log_density[3] = broken
+    with pytest.raises(UserError, match="1 of 10 good samples have a NaN or infinite"):
+        choose_thresholds(UNIT, good, anomalous)
+    with pytest.raises(UserError, match="1 of 10 held-out good images have a NaN or infinite"):
+        default_thresholds(good, 0.05)
