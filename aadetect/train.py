@@ -12,6 +12,7 @@ without them.
 from __future__ import annotations
 
 import copy
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -21,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from aadetect.config import Architecture, TrainConfig
+from aadetect.errors import UserError
 from aadetect.model import AdversarialAutoencoder, reconstruction_error, to_input
 
 EVAL_BATCH = 256
@@ -218,6 +220,9 @@ def train_autoencoder(images: torch.Tensor, arch: Architecture, config: TrainCon
 
         _, validation_errors = encode_all(model, validation_images, device, loss_measure)
         validation_loss = float(validation_errors.mean())
+        if not math.isfinite(validation_loss):  # NaN weights: every later step, and the robust rule, would fail
+            raise UserError(f"training diverged in epoch {epoch + 1} (the validation loss became "
+                            f"{validation_loss}); lower the learning rate ({config.learning_rate:g})")
         if config.robust and epoch + 1 >= warmup:
             outliers = find_outliers(model, train_images, device, loss_measure, config.reject_z, kept=weights > 0)
             weights = (~outliers).float()

@@ -568,6 +568,20 @@ def test_a_reader_that_leaves_during_a_big_table_is_noticed_under_pythonunbuffer
     assert b"Traceback" not in process.stderr.read()
 
 
+def test_training_that_diverges_stops_with_one_line_and_leaves_no_model(dataset, tmp_path):
+    """A library user's learning rate of 1e8 made NaN weights; the robust rule's whitening then failed
+    with torch's LinAlgError."""
+    from aadetect.config import TrainConfig
+    from aadetect.errors import UserError
+    from aadetect.pipeline import train_detector
+
+    config = TrainConfig(epochs=3, image_size=SIZE, latent_dim=8, device="cpu", learning_rate=1e8)
+    with pytest.raises(UserError, match=r"training diverged in epoch \d \(the validation loss became nan\); "
+                                        r"lower the learning rate \(1e\+08\)"):
+        train_detector(dataset["train"], config, tmp_path / "model")
+    assert not (tmp_path / "model").exists()
+
+
 def test_a_closed_stdout_is_one_line_of_error(model_dir, dataset):
     image = sorted(dataset["good"].iterdir())[0]
     result = subprocess.run([sys.executable, "-m", "aadetect", "score", "--model", str(model_dir), str(image)],
