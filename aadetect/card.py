@@ -139,7 +139,10 @@ class ModelCard:
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError as exc:
-            raise UserError(f"{source}: not valid YAML ({first_line(exc)})") from None
+            mark = getattr(exc, "problem_mark", None)  # where a hand edit went wrong
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            raise UserError(f"{source}: not valid YAML{where} ({getattr(exc, 'problem', None) or first_line(exc)})"
+                            ) from None
         if not isinstance(data, dict):
             raise UserError(f"{source}: not a model card (expected a mapping)")
         version = data.get("format_version")
@@ -163,6 +166,12 @@ class ModelCard:
             raise UserError(f"{source}: thresholds.reconstruction and reconstruction_centre must be positive")
         if self.architecture.channels not in (1, 3):
             raise UserError(f"{source}: architecture.channels must be 1 or 3")
+        sizes = {"image_size": self.architecture.image_size, "latent_dim": self.architecture.latent_dim,
+                 "discriminator_width": self.architecture.discriminator_width,
+                 **{f"widths[{i}]": width for i, width in enumerate(self.architecture.widths)}}
+        for name, size in sizes.items():  # torch would warn, then fail, on a zero-sized layer
+            if size < 1:
+                raise UserError(f"{source}: architecture.{name} must be positive, got {size}")
         for name in ("image_size", "channels"):  # images are read at the architecture's; the two must agree
             if getattr(self.preprocessing, name) != getattr(self.architecture, name):
                 raise UserError(f"{source}: preprocessing.{name} ({getattr(self.preprocessing, name)!r:.20}) "
@@ -203,6 +212,8 @@ def _build(cls, data: Any, source: str, where: str):
 
 
 def _convert(hint, value: Any, source: str, key: str):
+    if hint is Any:
+        return value
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
         options = [h for h in typing.get_args(hint) if h is not type(None)]
@@ -217,6 +228,13 @@ def _convert(hint, value: Any, source: str, key: str):
     ok = isinstance(value, expected) and not (expected in (int, float) and isinstance(value, bool))
     if not ok:
         raise UserError(f"{source}: {key} must be {getattr(expected, '__name__', expected)}, got {value!r:.60}")
+    if expected is list and typing.get_args(hint):  # the items too: a quoted "16" in widths fails late
+        (item,) = typing.get_args(hint)
+        return [_convert(item, entry, source, f"{key}[{i}]") for i, entry in enumerate(value)]
+    if expected is dict and typing.get_args(hint):
+        key_type, item = typing.get_args(hint)
+        return {_convert(key_type, name, source, f"{key} key {name!r:.40}"):
+                _convert(item, entry, source, f"{key}.{name}") for name, entry in value.items()}
     return value
 
 

@@ -173,6 +173,9 @@ def test_closed_stdin_and_bugs_never_exit_1(model_dir, monkeypatch):
     (lambda card: card.update(density=None), "card.yaml: density must be a mapping"),
     (lambda card: card["preprocessing"].update(channels=3), "preprocessing.channels (3) differs from architecture.channels (1)"),
     (lambda card: card["architecture"].update(channels=2), "architecture.channels must be 1 or 3"),
+    (lambda card: card["architecture"]["widths"].__setitem__(0, "16"), "architecture.widths[0] must be int, got '16'"),
+    (lambda card: card["files"].update({"weights.pt": 7}), "files.weights.pt must be str, got 7"),
+    (lambda card: card["architecture"].update(latent_dim=0), "architecture.latent_dim must be positive, got 0"),
 ])
 def test_damaged_card_is_refused(model_dir, dataset, tmp_path, change, fragment):
     model = copy_model(model_dir, tmp_path)
@@ -182,8 +185,9 @@ def test_damaged_card_is_refused(model_dir, dataset, tmp_path, change, fragment)
 
 def test_card_that_is_not_yaml(model_dir, dataset, tmp_path):
     model = copy_model(model_dir, tmp_path)
-    (model / "card.yaml").write_text("thresholds: [unclosed\n")
-    assert_one_line_error(invoke("score", "--model", model, dataset["good"]), "not valid YAML")
+    (model / "card.yaml").write_text("format_version: 2\nthresholds: [unclosed\n")
+    assert_one_line_error(invoke("score", "--model", model, dataset["good"]),
+                          "not valid YAML at line 3, column 1 (")  # where a hand edit went wrong
 
 
 @pytest.mark.parametrize("damage, fragment", [
@@ -590,3 +594,4 @@ def test_a_closed_stdout_is_one_line_of_error(model_dir, dataset):
     assert result.returncode == 2
     assert result.stderr.decode().strip() == ("aadetect: error: standard output is closed "
                                               "(redirect it to a file or /dev/null instead)")
+
