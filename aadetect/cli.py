@@ -77,10 +77,14 @@ def user_errors(command):
             say("aadetect: interrupted")
             raise typer.Exit(130) from None
         except BrokenPipeError:  # e.g. `aadetect score ... | head`: the reader left, stop quietly
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            discard_stdout()
             raise typer.Exit(EXIT_READER_LEFT) from None  # not 1: unread images are not "anomalous"
         except OSError as error:  # a full disk, a read-only --out folder: the user's to fix, not a bug
-            say(f"aadetect: error: {error.filename or ''}{': ' if error.filename else ''}{error.strerror or error}")
+            if error.filename is None and stdout_write_error() is not None:
+                say(f"aadetect: error: standard output: {error.strerror or error}")
+            else:
+                say(f"aadetect: error: {error.filename or ''}{': ' if error.filename else ''}"
+                    f"{error.strerror or error}")
             raise typer.Exit(EXIT_USAGE) from None
         except (typer.Exit, typer.Abort):
             raise  # how a command ends on purpose
@@ -91,6 +95,22 @@ def user_errors(command):
             say("aadetect: internal error (a bug in aadetect; please report it with the traceback above)")
             raise typer.Exit(EXIT_BUG) from None
     return run
+
+
+def discard_stdout() -> None:
+    """Point stdout at /dev/null, so that what is still buffered for a reader that left (or a full
+    disk) does not fail again, with a traceback, in Python's final flush."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
+def stdout_write_error() -> OSError | None:
+    """Why stdout cannot take what was written to it (/dev/full, a broken pipe), or None."""
+    try:
+        sys.stdout.flush()
+    except OSError as error:
+        discard_stdout()
+        return error
+    return None
 
 
 def reporter_for(quiet: bool):
@@ -289,6 +309,9 @@ def read_paths(paths: list[str], null: bool) -> list[str]:
         if sys.stdin is None:
             raise UserError("'-' reads paths from stdin, but stdin is closed")
         text = sys.stdin.buffer.read().decode("utf-8", "surrogateescape")
+        if not null and "\0" in text:  # no path holds one: NUL-separated names, or an image's bytes
+            raise UserError("stdin holds NUL bytes, so it is not a list of paths one per line "
+                            "(for NUL-separated paths, as `find -print0` writes them, add --null)")
         lines = text.split("\0") if null else [line.removesuffix("\r") for line in text.split("\n")]
         result.extend(line for line in lines if line.strip())
     if not result:
@@ -322,17 +345,24 @@ class RowWriter:
     def close(self) -> None:
         if self.format != ScoreFormat.table:
             return
-        from rich.table import Table
-        from rich.text import Text
+        stdout_console().print(score_table(self.rows))
 
-        table = Table(*SCORE_FIELDS[:-1])
-        for row in self.rows:  # Text, not str: paths are data, never markup
-            if row["error"]:
-                table.add_row(Text(row["path"]), "", "", "", "", Text(row["error"], style="red"))
-            else:
-                table.add_row(Text(row["path"]), f"{row['reconstruction_error']:.6g}", f"{row['log_density']:.6g}",
-                              f"{row['score']:.4g}", "yes" if row["anomaly"] else "no", row["reason"])
-        stdout_console().print(table)
+
+def score_table(rows: list[dict]):
+    """Score rows for people. A long path or error wraps in its cell rather than being cut to the
+    same prefix on every row in a narrow terminal."""
+    from rich.table import Column, Table
+    from rich.text import Text
+
+    table = Table(*(Column(name, overflow="fold") if name in ("path", "reason") else name
+                    for name in SCORE_FIELDS[:-1]))
+    for row in rows:  # Text, not str: paths are data, never markup
+        if row["error"]:
+            table.add_row(Text(row["path"]), "", "", "", "", Text(row["error"], style="red"))
+        else:
+            table.add_row(Text(row["path"]), f"{row['reconstruction_error']:.6g}", f"{row['log_density']:.6g}",
+                          f"{row['score']:.4g}", "yes" if row["anomaly"] else "no", row["reason"])
+    return table
 
 
 def csv_cell(value) -> str:
@@ -400,4 +430,15 @@ def main() -> None:
         # writer writes the rest, or raises BrokenPipeError: exit 141.
         sys.stdout = io.TextIOWrapper(io.BufferedWriter(sys.stdout.buffer), encoding=sys.stdout.encoding,
                                       errors="surrogateescape", line_buffering=True)
-    app()
+    status = 0
+    try:
+        app()
+    except SystemExit as done:
+        status = done.code
+    error = stdout_write_error()  # what the command left in the buffer must reach the file, or be said
+    if isinstance(error, BrokenPipeError):
+        status = EXIT_READER_LEFT
+    elif error is not None:
+        say(f"aadetect: error: standard output: {error.strerror or error}")
+        status = EXIT_USAGE
+    raise SystemExit(status)

@@ -513,3 +513,23 @@ def test_paths_are_echoed_as_given_so_rows_join_back_to_the_input_list(model_dir
     assert rows[0]["score"] == rows[1]["score"]
     walked = jsonl(invoke("score", "--model", model_dir, "--format", "jsonl", f"./{folder}/").stdout)
     assert walked[0]["path"] == f"./{folder}/{first}" and walked[0]["score"] == rows[0]["score"]
+
+
+def test_the_table_wraps_long_paths_instead_of_cutting_them():
+    """In an 80-column terminal every row of a deep folder showed the same cut prefix."""
+    import io
+
+    from rich.console import Console
+
+    from aadetect.cli import score_table
+
+    path = "incoming/line3/camera2/2024-05-01/part-000123-left-side.png"
+    row = {"path": path, "reconstruction_error": 0.25, "log_density": 14.2, "score": -1.5, "anomaly": False,
+           "reason": "none", "error": None}
+    unreadable = {"path": "x.png", "error": "x.png: not an image (cannot identify image file)"}
+    out = io.StringIO()
+    Console(file=out, width=70, no_color=True).print(score_table([row, {**row, **unreadable}]))
+    cells = [line.split("│") for line in out.getvalue().splitlines() if line.startswith("│")]
+    error_row = next(i for i, cell in enumerate(cells) if cell[1].strip() == "x.png")
+    assert "".join(cell[1].strip() for cell in cells[:error_row]) == path
+    assert " ".join(cell[-2].strip() for cell in cells[error_row:]).split() == unreadable["error"].split()

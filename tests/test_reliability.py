@@ -595,3 +595,21 @@ def test_a_closed_stdout_is_one_line_of_error(model_dir, dataset):
     assert result.stderr.decode().strip() == ("aadetect: error: standard output is closed "
                                               "(redirect it to a file or /dev/null instead)")
 
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+@pytest.mark.parametrize("format", ["csv", "table"])
+def test_a_full_disk_on_stdout_is_one_line_of_error(model_dir, dataset, format):
+    """Python's own final flush failed again after the message: exit 120 and a traceback fragment."""
+    with open("/dev/full", "w") as full:
+        result = subprocess.run([sys.executable, "-m", "aadetect", "score", "--model", str(model_dir), "--quiet",
+                                 "--format", format, str(dataset["good"])], stdout=full, stderr=subprocess.PIPE,
+                                timeout=300)
+    assert result.returncode == 2
+    assert result.stderr.decode().strip() == "aadetect: error: standard output: No space left on device"
+
+
+@pytest.mark.parametrize("stdin", [b"img_000.png\0img_001.png\0", b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR"])
+def test_stdin_that_is_not_a_list_of_lines_says_so(model_dir, stdin):
+    assert_one_line_error(invoke("score", "--model", model_dir, "-", input=stdin),
+                          "stdin holds NUL bytes", "add --null")
+
