@@ -243,8 +243,9 @@ def unreadable_summary(errors: list[str]) -> str:
     return f"{len(errors)} unreadable image{'s' if len(errors) > 1 else ''} (first: {errors[0]})"
 
 
-def measure_folder(detector, path: str | Path, reporter: Reporter, label: str) -> MeasuredSet:
-    refs = find_images(path)
+def measure_folder(detector, path: str | Path, refs: list[ImageRef], reporter: Reporter, label: str) -> MeasuredSet:
+    """Scores of the images found in `path` (found first by the caller, so that a wrong second folder
+    is reported before the first is scored)."""
     names, rows, errors = [], [], []
     with reporter.progress(f"scoring {label}", total=len(refs)) as advance:
         for ref, row, error in detector.score_images(refs):
@@ -279,8 +280,9 @@ def calibrate_detector(model_dir: str | Path, good: str | Path, anomalous: str |
     card = read_card(model_dir)
     check_writable(model_dir / CARD_FILE)  # rewritten at the end: find out before measuring
     detector = Detector.load(model_dir, device)
-    good_set = measure_folder(detector, good, reporter, "good")
-    anomalous_set = measure_folder(detector, anomalous, reporter, "anomalous") if anomalous else None
+    good_refs, anomalous_refs = find_images(good), find_images(anomalous) if anomalous else None
+    good_set = measure_folder(detector, good, good_refs, reporter, "good")
+    anomalous_set = measure_folder(detector, anomalous, anomalous_refs, reporter, "anomalous") if anomalous else None
     unreadable = good_set.errors + (anomalous_set.errors if anomalous_set else [])
     if unreadable:  # a few samples set both thresholds: one silently missing would move them
         raise UserError(f"{unreadable_summary(unreadable)}; the card is unchanged")
@@ -313,8 +315,9 @@ def evaluate_detector(model_dir: str | Path, good: str | Path, anomalous: str | 
 
     reporter = reporter or Reporter()
     detector = Detector.load(model_dir, device)
-    good_set = measure_folder(detector, good, reporter, "good")
-    anomalous_set = measure_folder(detector, anomalous, reporter, "anomalous")
+    good_refs, anomalous_refs = find_images(good), find_images(anomalous)
+    good_set = measure_folder(detector, good, good_refs, reporter, "good")
+    anomalous_set = measure_folder(detector, anomalous, anomalous_refs, reporter, "anomalous")
     signals = {  # higher means more anomalous
         "reconstruction": (good_set.reconstruction_error, anomalous_set.reconstruction_error),
         "density": (-good_set.log_density, -anomalous_set.log_density),

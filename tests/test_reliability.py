@@ -613,3 +613,18 @@ def test_stdin_that_is_not_a_list_of_lines_says_so(model_dir, stdin):
     assert_one_line_error(invoke("score", "--model", model_dir, "-", input=stdin),
                           "stdin holds NUL bytes", "add --null")
 
+
+@pytest.mark.parametrize("command", ["evaluate", "calibrate"])
+def test_a_wrong_second_folder_is_named_before_the_first_is_scored(model_dir, dataset, tmp_path, monkeypatch,
+                                                                   command):
+    from aadetect import pipeline
+    from aadetect.errors import UserError
+    from aadetect.scoring import Detector
+
+    def scored(*args, **kwargs):
+        raise AssertionError("images were scored before the folders were checked")
+
+    monkeypatch.setattr(Detector, "score_images", scored)
+    run = pipeline.evaluate_detector if command == "evaluate" else pipeline.calibrate_detector
+    with pytest.raises(UserError, match=f"{tmp_path / 'typo'}: no such file or folder"):
+        run(copy_model(model_dir, tmp_path), dataset["good"], tmp_path / "typo")
