@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from aadetect.config import CODE_RADII, ERROR_MEASURES
+from aadetect.config import CODE_RADII, ERROR_MEASURES, MAX_SHIFT_RADIUS
 from aadetect.errors import UserError, first_line
 
 FORMAT_VERSION = 2  # 2: reconstruction scale in log units; centres of held-out good images
@@ -53,6 +53,7 @@ class ArchitectureInfo:
     latent_dim: int
     widths: list[int]
     discriminator_width: int
+    extra_convs: int = 0  # cards written before the option: none
 
 
 @dataclass
@@ -74,6 +75,7 @@ class DensityInfo:
     n_codes: int
     file: str
     radius: str = "linear"  # cards written before the option: the codes as they are
+    shift_radius: int = 0  # cards written before the option: the image as it is
 
 
 @dataclass
@@ -172,6 +174,10 @@ class ModelCard:
         for name, size in sizes.items():  # torch would warn, then fail, on a zero-sized layer
             if size < 1:
                 raise UserError(f"{source}: architecture.{name} must be positive, got {size}")
+        if self.architecture.extra_convs < 0:
+            raise UserError(f"{source}: architecture.extra_convs must not be negative")
+        if not 0 <= self.density.shift_radius <= MAX_SHIFT_RADIUS:
+            raise UserError(f"{source}: density.shift_radius must be between 0 and {MAX_SHIFT_RADIUS}")
         for name in ("image_size", "channels"):  # images are read at the architecture's; the two must agree
             if getattr(self.preprocessing, name) != getattr(self.architecture, name):
                 raise UserError(f"{source}: preprocessing.{name} ({getattr(self.preprocessing, name)!r:.20}) "

@@ -154,6 +154,11 @@ def train(
     code_radius: Annotated[CodeRadius, typer.Option(help="How a code's length enters the latent density. sqrt: "
                                                          "square-rooted, so the code's direction weighs more; "
                                                          "linear: as it is.")] = CodeRadius(TrainConfig.code_radius),
+    extra_convs: Annotated[int, typer.Option(help="Stride-1 3x3 convolutions after each resolution change "
+                                                  "in the encoder and decoder (0-4).")] = TrainConfig.extra_convs,
+    shift_radius: Annotated[int, typer.Option(help="The latent density is averaged over the image moved by up "
+                                                   "to this many pixels each way (0-2; 0 = the image alone).")
+                            ] = TrainConfig.shift_radius,
     seed: Annotated[int, typer.Option(help="Random seed: same seed, data and device give the same model.")
                     ] = TrainConfig.seed,
     device: DeviceOption = "auto",
@@ -174,7 +179,8 @@ def train(
 ) -> None:
     """Train a detector on a folder of good images and write a model folder with its card."""
     config = TrainConfig(epochs=epochs, image_size=image_size, latent_dim=latent_dim, batch_size=batch_size,
-                         error=error.value, code_radius=code_radius.value, seed=seed, device=device,
+                         error=error.value, code_radius=code_radius.value, extra_convs=extra_convs,
+                         shift_radius=shift_radius, seed=seed, device=device,
                          adversarial=adversarial, robust=robust, strict=strict, memory_limit_mb=memory_limit_mb)
     config.validate()
     from aadetect.pipeline import train_detector

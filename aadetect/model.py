@@ -8,6 +8,14 @@ from torch import nn
 from aadetect.config import Architecture
 
 
+def refinement(width: int, count: int, activation) -> list[nn.Module]:
+    """Stride-1 3x3 convolutions at one resolution: more capacity per scale without a larger code."""
+    layers: list[nn.Module] = []
+    for _ in range(count):
+        layers += [nn.Conv2d(width, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), activation()]
+    return layers
+
+
 class Encoder(nn.Module):
     """Strided convolutions down to a few pixels, then a linear map to the latent code."""
 
@@ -15,9 +23,10 @@ class Encoder(nn.Module):
         super().__init__()
         layers: list[nn.Module] = []
         in_channels = arch.channels
+        activation = lambda: nn.LeakyReLU(0.2, inplace=True)  # noqa: E731
         for width in arch.widths:
             layers += [nn.Conv2d(in_channels, width, 4, stride=2, padding=1, bias=False),
-                       nn.BatchNorm2d(width), nn.LeakyReLU(0.2, inplace=True)]
+                       nn.BatchNorm2d(width), activation(), *refinement(width, arch.extra_convs, activation)]
             in_channels = width
         self.features = nn.Sequential(*layers)
         self.to_code = nn.Linear(in_channels * arch.bottom_size ** 2, arch.latent_dim)
@@ -36,9 +45,10 @@ class Decoder(nn.Module):
         self.from_code = nn.Sequential(nn.Linear(arch.latent_dim, widths[0] * arch.bottom_size ** 2),
                                        nn.ReLU(inplace=True))
         layers: list[nn.Module] = []
+        activation = lambda: nn.ReLU(inplace=True)  # noqa: E731
         for width, next_width in zip(widths, widths[1:]):
             layers += [nn.ConvTranspose2d(width, next_width, 4, stride=2, padding=1, bias=False),
-                       nn.BatchNorm2d(next_width), nn.ReLU(inplace=True)]
+                       nn.BatchNorm2d(next_width), activation(), *refinement(next_width, arch.extra_convs, activation)]
         layers += [nn.ConvTranspose2d(widths[-1], arch.channels, 4, stride=2, padding=1), nn.Sigmoid()]
         self.features = nn.Sequential(*layers)
 
@@ -120,3 +130,16 @@ def to_input(pixels: torch.Tensor, device: torch.device | str) -> torch.Tensor:
 
     images = materialize(pixels).to(device, non_blocking=True).float().div_(255.0)
     return images.contiguous(memory_format=torch.channels_last)
+
+
+def shifted_views(images: torch.Tensor, radius: int) -> torch.Tensor:
+    """The images, then the same images moved by every offset of up to `radius` pixels each way
+    ((2 radius + 1)^2 views, stacked view by view), with edge pixels repeated into the gap."""
+    if radius == 0:
+        return images
+    height, width = images.shape[-2:]
+    padded = torch.nn.functional.pad(images, (radius,) * 4, mode="replicate")
+    offsets = [(dy, dx) for dy in range(-radius, radius + 1) for dx in range(-radius, radius + 1) if dy or dx]
+    views = [images] + [padded[:, :, radius - dy:radius - dy + height, radius - dx:radius - dx + width]
+                        for dy, dx in offsets]
+    return torch.cat(views).contiguous(memory_format=torch.channels_last)

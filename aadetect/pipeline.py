@@ -124,10 +124,11 @@ def train_detector(data: str | Path, config: TrainConfig, model_dir: str | Path,
 
     pixels, refs, skipped, size, channels = read_training_images(data, config, reporter)
     data_sha256 = fingerprint(refs, data)
-    arch = Architecture.for_images(size, channels, config.latent_dim)
+    arch = Architecture.for_images(size, channels, config.latent_dim, config.extra_convs)
     checkpoint_file = checkpoint_path(model_dir)
-    # what the networks depend on: the code radius only shapes the KDE fitted after training
-    training_settings = {k: v for k, v in dataclasses.asdict(config).items() if k != "code_radius"}
+    # what the networks depend on: the code radius and the shift radius only shape the density after training
+    training_settings = {k: v for k, v in dataclasses.asdict(config).items()
+                         if k not in ("code_radius", "shift_radius")}
     identity = {"settings": training_settings, "data_sha256": data_sha256, "device": device}
     resume_from = _read_checkpoint(checkpoint_file, identity) if resume else None
 
@@ -167,7 +168,8 @@ def train_detector(data: str | Path, config: TrainConfig, model_dir: str | Path,
     except ValueError as exc:
         checkpoint_file.unlink(missing_ok=True)  # resuming with these settings would end here again
         raise UserError(f"{data}: cannot fit the density ({exc})") from None
-    detector = Detector(model, density, thresholds=None, error_measure=config.error, device=device)
+    detector = Detector(model, density, thresholds=None, error_measure=config.error, device=device,
+                        shift_radius=config.shift_radius)
     validation = Measurements(*detector.measure(pixels[torch.from_numpy(result.validation_indices)]))
     thresholds = default_thresholds(validation, config.target_fpr)
     if len(validation) < FEW_HELD_OUT:
@@ -189,14 +191,15 @@ def train_detector(data: str | Path, config: TrainConfig, model_dir: str | Path,
                                         resize="bilinear to a square (aspect ratio not kept), EXIF rotation applied",
                                         normalisation="pixel / 255, so inputs lie in [0, 1]"),
             architecture=ArchitectureInfo(image_size=size, channels=channels, latent_dim=arch.latent_dim,
-                                          widths=list(arch.widths), discriminator_width=arch.discriminator_width),
+                                          widths=list(arch.widths), discriminator_width=arch.discriminator_width,
+                                          extra_convs=arch.extra_convs),
             training=TrainingInfo(settings=dataclasses.asdict(config), device=device, epochs_run=result.epochs_run,
                                   best_epoch=result.best_epoch, seconds=round(time.perf_counter() - started, 2),
                                   final_losses={k: float(v) for k, v in result.final_losses.items()},
                                   torch_version=str(torch.__version__)),
             density=DensityInfo(estimator="scipy.stats.gaussian_kde", bandwidth=density.bandwidth,
-                                factor=density.factor, radius=density.radius, n_codes=density.n_codes,
-                                file=DENSITY_FILE),
+                                factor=density.factor, radius=density.radius, shift_radius=config.shift_radius,
+                                n_codes=density.n_codes, file=DENSITY_FILE),
             thresholds=thresholds,
             files={name: sha256_file(staging / name) for name in (WEIGHTS_FILE, DENSITY_FILE)},
         )

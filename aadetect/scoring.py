@@ -7,6 +7,7 @@ more anomalous), `predict` (the OR rule) and the thresholds it applies.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import warnings
 from collections import deque
@@ -65,12 +66,14 @@ def decide(reconstruction_error: np.ndarray, log_density: np.ndarray, thresholds
 class Detector:
     """A trained autoencoder (its adversarial prior is optional) with its latent KDE and decision thresholds."""
 
-    def __init__(self, model, density, thresholds: Thresholds, error_measure: str, device: str = "cpu"):
+    def __init__(self, model, density, thresholds: Thresholds, error_measure: str, device: str = "cpu",
+                 shift_radius: int = 0):
         self.model = model.to(device).eval()
         self.density = density
         self.thresholds = thresholds
         self.error_measure = error_measure
         self.device = device
+        self.shift_radius = shift_radius
         self.image_size = model.arch.image_size
         self.channels = model.arch.channels
 
@@ -82,7 +85,7 @@ class Detector:
         card = read_card(model_dir)
         device = resolve_device(device)
         return cls(load_model(model_dir, card, device), load_density(model_dir, card), card.thresholds,
-                   card.error_measure, device)
+                   card.error_measure, device, card.density.shift_radius)
 
     def measure(self, pixels) -> tuple[np.ndarray, np.ndarray]:
         """Reconstruction error and KDE log-density for uint8 images (N, C, S, S) (a tensor or numpy array)."""
@@ -118,11 +121,16 @@ class Detector:
         return pixels
 
     def _measure_batch(self, pixels) -> tuple[np.ndarray, np.ndarray]:
-        """One forward pass, on exactly SCORE_BATCH images (the last batch padded with black ones)."""
+        """One forward pass, on exactly SCORE_BATCH images (the last batch padded with black ones).
+
+        With a shift radius, the log-density is that of the mean KDE density over the image's
+        small translations (`shifted_views`), so a good image drawn a pixel off-centre is not held
+        against it; the reconstruction error is the unmoved image's.
+        """
         import torch
 
         from aadetect.devices import exact_math
-        from aadetect.model import reconstruction_error, to_input
+        from aadetect.model import reconstruction_error, shifted_views, to_input
 
         with torch.inference_mode(), exact_math(self.device):  # thread-local: entered in the worker
             chunk = materialize(pixels)
@@ -130,10 +138,13 @@ class Detector:
             if count < SCORE_BATCH:
                 chunk = torch.cat([chunk, chunk.new_zeros((SCORE_BATCH - count, *chunk.shape[1:]))])
             images = to_input(chunk, self.device)
-            codes, reconstruction = self.model(images)
+            codes = self.model.encoder(shifted_views(images, self.shift_radius))  # the unmoved images first
+            reconstruction = self.model.decoder(codes[:SCORE_BATCH])
             errors = reconstruction_error(reconstruction, images, self.error_measure, self.model.error_scale)
-            return (errors[:count].double().cpu().numpy(),
-                    self.density.log_density(codes.double(), device=self.device)[:count])
+            log_density = torch.from_numpy(self.density.log_density(codes.double(), device=self.device))
+            views = len(codes) // SCORE_BATCH
+            log_density = log_density.view(views, SCORE_BATCH).logsumexp(0) - math.log(views)
+            return errors[:count].double().cpu().numpy(), log_density[:count].numpy()
 
     def score(self, pixels) -> Scores:
         return decide(*self.measure(pixels), self.thresholds)
@@ -243,7 +254,7 @@ def load_model(model_dir: Path, card: ModelCard, device: str):
     path = _checked_file(model_dir, WEIGHTS_FILE, card)
     arch_info = card.architecture
     arch = Architecture(arch_info.image_size, arch_info.channels, arch_info.latent_dim,
-                        tuple(arch_info.widths), arch_info.discriminator_width)
+                        tuple(arch_info.widths), arch_info.discriminator_width, arch_info.extra_convs)
     try:
         state = torch.load(path, map_location=device, weights_only=True)
     except pickle.UnpicklingError as exc:

@@ -533,3 +533,27 @@ def test_the_table_wraps_long_paths_instead_of_cutting_them():
     error_row = next(i for i, cell in enumerate(cells) if cell[1].strip() == "x.png")
     assert "".join(cell[1].strip() for cell in cells[:error_row]) == path
     assert " ".join(cell[-2].strip() for cell in cells[error_row:]).split() == unreadable["error"].split()
+
+
+def test_the_density_is_averaged_over_the_image_moved_by_a_pixel(model_dir, dataset):
+    """The default shift radius 1: the log of the mean KDE density of the image's nine views."""
+    import torch
+    from scipy.special import logsumexp
+
+    from aadetect.images import find_images, load_images, materialize
+    from aadetect.scoring import Detector
+
+    detector = Detector.load(model_dir, "cpu")
+    assert detector.shift_radius == 1
+    pixels = materialize(load_images(find_images(dataset["anomalous"]), detector.image_size, detector.channels)[0])
+    _, log_density = detector.measure(pixels)
+    padded = np.pad(pixels.numpy() / 255.0, ((0, 0), (0, 0), (1, 1), (1, 1)), mode="edge")
+    size = detector.image_size
+    per_view = []
+    with torch.inference_mode():
+        for dy in (-1, 0, 1):
+            for dx in (-1, 0, 1):
+                view = torch.from_numpy(padded[:, :, 1 - dy:1 - dy + size, 1 - dx:1 - dx + size]).float()
+                per_view.append(detector.density.log_density(detector.model.encoder(view).double()))
+    np.testing.assert_allclose(log_density, logsumexp(per_view, axis=0) - np.log(9), rtol=1e-4)  # float32 batches
+    assert np.abs(log_density - per_view[4]).max() > 1e-3  # the moved views count: not the image alone

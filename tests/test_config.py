@@ -20,6 +20,9 @@ from aadetect.pipeline import train_detector
     ({"learning_rate": math.nan}, "learning rate"),
     ({"learning_rate": math.inf}, "learning rate"),
     ({"learning_rate": 0.0}, "learning rate"),
+    ({"shift_radius": 3}, "--shift-radius"),
+    ({"shift_radius": -1}, "--shift-radius"),
+    ({"extra_convs": 5}, "--extra-convs"),
 ])
 def test_unworkable_settings_are_refused_before_any_image_is_read(tmp_path, setting, named):
     model_dir = tmp_path / "model"
@@ -32,3 +35,5 @@ def test_unworkable_settings_are_refused_before_any_image_is_read(tmp_path, sett
 def test_the_defaults_and_edge_values_that_work_are_accepted():
     TrainConfig().validate()
     TrainConfig(patience=1, reject_z=0.5, learning_rate=1e-6).validate()
+    TrainConfig(shift_radius=0, extra_convs=0).validate()
+    TrainConfig(shift_radius=2, extra_convs=4).validate()

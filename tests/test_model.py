@@ -88,3 +88,29 @@ def test_residual_scale_is_the_rms_residual_plus_its_mean():
         rms = (model(inputs)[1] - inputs).square().mean(0).sqrt()
     assert scale.shape == (1, 8, 8)
     assert torch.allclose(scale, rms + rms.mean(), rtol=1e-5, atol=0)
+
+
+def test_shifted_views_move_the_image_and_repeat_its_edges():
+    from aadetect.model import shifted_views
+
+    images = torch.arange(2 * 3 * 5 * 5, dtype=torch.float32).view(2, 3, 5, 5)
+    assert shifted_views(images, 0) is images
+    views = shifted_views(images, 1).view(9, 2, 3, 5, 5)
+    assert torch.equal(views[0], images)  # the unmoved images first
+    offsets = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if dy or dx]
+    for view, (dy, dx) in zip(views[1:], offsets):
+        rows = (torch.arange(5) - dy).clamp(0, 4)  # pixel (y, x) of the view shows (y - dy, x - dx), edges held
+        columns = (torch.arange(5) - dx).clamp(0, 4)
+        assert torch.equal(view, images[:, :, rows][:, :, :, columns]), (dy, dx)
+    assert len(shifted_views(images, 2)) == 25 * 2
+
+
+def test_extra_convolutions_add_capacity_at_every_resolution():
+    plain = AdversarialAutoencoder(Architecture.for_images(28, 1, 8))
+    deeper = AdversarialAutoencoder(Architecture.for_images(28, 1, 8, extra_convs=1))
+    count = lambda net: sum(isinstance(m, torch.nn.Conv2d) and m.stride == (1, 1) for m in net.modules())  # noqa: E731
+    assert count(plain.encoder) == 0 and count(deeper.encoder) == len(deeper.arch.widths)
+    assert count(plain.decoder) == 0 and count(deeper.decoder) == len(deeper.arch.widths) - 1  # none at the output
+    images = torch.rand(4, 1, 28, 28)
+    codes, reconstruction = deeper.eval()(images)
+    assert codes.shape == (4, 8) and reconstruction.shape == images.shape

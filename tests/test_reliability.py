@@ -237,7 +237,7 @@ def test_weights_that_do_not_fit_the_architecture(model_dir, dataset, tmp_path):
     from aadetect.model import AdversarialAutoencoder
 
     model = copy_model(model_dir, tmp_path)
-    other = AdversarialAutoencoder(Architecture.for_images(SIZE, 1, 8))
+    other = AdversarialAutoencoder(Architecture.for_images(SIZE, 1, 8, extra_convs=1))  # only the code differs
     replace_weights(model, lambda path: torch.save(other.state_dict(), path))
     assert_one_line_error(invoke("score", "--model", model, dataset["good"]), "do not fit the card's architecture",
                           "size mismatch for encoder.to_code.weight")
@@ -272,17 +272,21 @@ def test_weights_from_before_the_scaled_error_still_load(model_dir, dataset, tmp
 
 
 def test_models_from_before_the_code_radius_score_as_linear(dataset, tmp_path):
-    """Density files and cards without a radius are read as "linear"; a card and file that disagree are refused."""
+    """Density files and cards without a radius are read as "linear", cards without extra convolutions or
+    a shift radius as having none; a card and file that disagree are refused."""
     model = tmp_path / "linear"
-    assert invoke("train", dataset["train"], "--out", model, "--code-radius", "linear", *TRAIN_ARGS).exit_code == 0
+    old_settings = ("--code-radius", "linear", "--extra-convs", "0", "--shift-radius", "0")
+    assert invoke("train", dataset["train"], "--out", model, *old_settings, *TRAIN_ARGS).exit_code == 0
     card = ModelCard.from_yaml((model / "card.yaml").read_text())
     assert card.density.radius == "linear" == card.training.settings["code_radius"]
+    assert card.architecture.extra_convs == 0 == card.density.shift_radius
     scored = invoke("score", "--model", model, "--format", "jsonl", dataset["anomalous"]).stdout
 
     with np.load(model / "density.npz") as archive:
         state = {key: archive[key] for key in archive.files if key != "radius"}
     np.savez(model / "density.npz", **state)
     edit_card(model, lambda card: (card["density"].pop("radius"), card["training"]["settings"].pop("code_radius"),
+                                   card["density"].pop("shift_radius"), card["architecture"].pop("extra_convs"),
                                    card["files"].update({"density.npz": sha256_file(model / "density.npz")})))
     assert invoke("score", "--model", model, "--format", "jsonl", dataset["anomalous"]).stdout == scored
 
