@@ -174,8 +174,8 @@ def training(repeats: int, device: str = "cpu") -> dict:
     for label, size, channels in (("28x28_gray", 28, 1), ("64x64_rgb", 64, 3)):
         images = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (1100, channels, size, size),
                                                                     dtype=np.uint8))
-        arch = Architecture.for_images(size, channels, 16)
         config = TrainConfig(epochs=2, image_size=size, robust=False, patience=100)
+        arch = Architecture.for_images(size, channels, 16, config.extra_convs)  # the default network
         times = []
         for _ in range(repeats):
             start = time.perf_counter()
