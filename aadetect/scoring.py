@@ -23,8 +23,12 @@ from aadetect.images import ImageRef, ImagesOnDisk, iterate_batches, materialize
 from aadetect.parallel import piece_pool
 
 # Every forward pass sees a batch of exactly this many images (the last one padded), so an
-# image gets bit-identical numbers whether it is scored alone or inside a large folder.
-SCORE_BATCH = 32
+# image gets bit-identical numbers whether it is scored alone or inside a large folder. On the
+# CPU a small piece costs no throughput (each runs on one thread, several at once) and keeps
+# `score one.png` quick; a GPU wants bigger pieces to be worth a launch.
+CPU_SCORE_BATCH = 8
+GPU_SCORE_BATCH = 32
+DECODE_BATCH = 128  # images decoded at a time while the pool measures the ones before
 
 
 @dataclass
@@ -68,12 +72,15 @@ class Detector:
 
     def __init__(self, model, density, thresholds: Thresholds, error_measure: str, device: str = "cpu",
                  shift_radius: int = 0):
+        import torch
+
         self.model = model.to(device).eval()
         self.density = density
         self.thresholds = thresholds
         self.error_measure = error_measure
         self.device = device
         self.shift_radius = shift_radius
+        self.batch_size = CPU_SCORE_BATCH if torch.device(device).type == "cpu" else GPU_SCORE_BATCH
         self.image_size = model.arch.image_size
         self.channels = model.arch.channels
 
@@ -90,10 +97,10 @@ class Detector:
     def measure(self, pixels) -> tuple[np.ndarray, np.ndarray]:
         """Reconstruction error and KDE log-density for uint8 images (N, C, S, S) (a tensor or numpy array)."""
         pixels = self._checked_pixels(pixels)
-        starts = range(0, len(pixels), SCORE_BATCH)
+        size = self.batch_size
         with piece_pool(self.device) as (pool, _):
-            return _joined(list(pool.map(lambda start: self._measure_batch(pixels[start:start + SCORE_BATCH]),
-                                         starts)))
+            return _joined(list(pool.map(lambda start: self._measure_batch(pixels[start:start + size]),
+                                         range(0, len(pixels), size))))
 
     def _checked_pixels(self, pixels):
         """Images as the model takes them, or a plain error: float pixels in [0, 1] would otherwise be
@@ -121,7 +128,7 @@ class Detector:
         return pixels
 
     def _measure_batch(self, pixels) -> tuple[np.ndarray, np.ndarray]:
-        """One forward pass, on exactly SCORE_BATCH images (the last batch padded with black ones).
+        """One forward pass, on exactly `batch_size` images (the last batch padded with black ones).
 
         With a shift radius, the log-density is that of the mean KDE density over the image's
         small translations (`shifted_views`), so a good image drawn a pixel off-centre is not held
@@ -134,16 +141,16 @@ class Detector:
 
         with torch.inference_mode(), exact_math(self.device):  # thread-local: entered in the worker
             chunk = materialize(pixels)
-            count = len(chunk)
-            if count < SCORE_BATCH:
-                chunk = torch.cat([chunk, chunk.new_zeros((SCORE_BATCH - count, *chunk.shape[1:]))])
+            count, size = len(chunk), self.batch_size
+            if count < size:
+                chunk = torch.cat([chunk, chunk.new_zeros((size - count, *chunk.shape[1:]))])
             images = to_input(chunk, self.device)
             codes = self.model.encoder(shifted_views(images, self.shift_radius))  # the unmoved images first
-            reconstruction = self.model.decoder(codes[:SCORE_BATCH])
+            reconstruction = self.model.decoder(codes[:size])
             errors = reconstruction_error(reconstruction, images, self.error_measure, self.model.error_scale)
             log_density = torch.from_numpy(self.density.log_density(codes.double(), device=self.device))
-            views = len(codes) // SCORE_BATCH
-            log_density = log_density.view(views, SCORE_BATCH).logsumexp(0) - math.log(views)
+            views = len(codes) // size
+            log_density = log_density.view(views, size).logsumexp(0) - math.log(views)
             return errors[:count].double().cpu().numpy(), log_density[:count].numpy()
 
     def score(self, pixels) -> Scores:
@@ -165,16 +172,16 @@ class Detector:
         """
         refs = _checked_refs(refs)
         on_gpu = str(self.device).startswith("cuda")
-        batch_size = 4 * SCORE_BATCH
         if workers is None:
-            workers = decoding_workers(len(refs), batch_size, on_gpu)
+            workers = decoding_workers(len(refs), DECODE_BATCH, on_gpu)
         with piece_pool(self.device) as (pool, threads):
             pending: deque = deque()  # (batch, futures), oldest first
-            for batch in iterate_batches(refs, self.image_size, self.channels, batch_size=batch_size,
+            size = self.batch_size
+            for batch in iterate_batches(refs, self.image_size, self.channels, batch_size=DECODE_BATCH,
                                          workers=workers, pin_memory=on_gpu):
                 pixels = batch.pixels if batch.pixels is not None else ()
-                pending.append((batch, [pool.submit(self._measure_batch, pixels[start:start + SCORE_BATCH])
-                                        for start in range(0, len(pixels), SCORE_BATCH)]))
+                pending.append((batch, [pool.submit(self._measure_batch, pixels[start:start + size])
+                                        for start in range(0, len(pixels), size)]))
                 while sum(len(futures) for _, futures in pending) > 2 * threads:
                     yield from self._rows(refs, *pending.popleft())
             while pending:
