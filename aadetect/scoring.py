@@ -182,7 +182,9 @@ class Detector:
                 pixels = batch.pixels if batch.pixels is not None else ()
                 pending.append((batch, [pool.submit(self._measure_batch, pixels[start:start + size])
                                         for start in range(0, len(pixels), size)]))
-                while sum(len(futures) for _, futures in pending) > 2 * threads:
+                # wait for the oldest batch only while the newer ones give every thread two pieces,
+                # so the pool keeps working while this thread decodes the next batch
+                while len(pending) > 1 and sum(len(futures) for _, futures in list(pending)[1:]) >= 2 * threads:
                     yield from self._rows(refs, *pending.popleft())
             while pending:
                 yield from self._rows(refs, *pending.popleft())
