@@ -384,6 +384,41 @@ def test_scores_do_not_depend_on_the_thread_count(tmp_path):
         assert other_rows == rows
 
 
+def test_streaming_over_several_decode_batches_keeps_order_and_numbers(tmp_path):
+    """Several decoded batches in flight at once (two threads): every row, in input order, with measure's numbers."""
+    import torch
+
+    from aadetect.card import Thresholds
+    from aadetect.config import Architecture
+    from aadetect.density import KernelDensity
+    from aadetect.images import find_images
+    from aadetect.model import AdversarialAutoencoder
+    from aadetect.scoring import DECODE_BATCH, Detector
+
+    torch.manual_seed(0)
+    model = AdversarialAutoencoder(Architecture.for_images(8, 1, 4)).eval()
+    count = 2 * DECODE_BATCH + 37  # three decode batches, the last partial
+    pixels = torch.from_numpy(np.random.default_rng(1).integers(0, 256, (count, 1, 8, 8), dtype=np.uint8))
+    np.save(tmp_path / "images.npy", pixels[:, 0].numpy())
+    with torch.inference_mode():
+        codes, _ = model(pixels.float() / 255)
+    density = KernelDensity.fit(codes.double().numpy(), radius="sqrt")
+    thresholds = Thresholds(1.0, 0.0, 1.0, 1.0, 1.0, 0.0, calibrated=False, method="test")
+    detector = Detector(model, density, thresholds, "mse", "cpu", shift_radius=1)
+    refs = find_images(tmp_path / "images.npy")
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        errors, densities = detector.measure(pixels)
+        streamed = list(detector.score_images(refs))
+    finally:
+        torch.set_num_threads(before)
+    assert [ref for ref, _, _ in streamed] == refs
+    assert all(error is None for _, _, error in streamed)
+    assert [row["reconstruction_error"] for _, row, _ in streamed] == errors.tolist()
+    assert [row["log_density"] for _, row, _ in streamed] == densities.tolist()
+
+
 @pytest.mark.parametrize("args, message", [
     (("--epochs", "0"), "--epochs"),
     (("--latent-dim", "0"), "--latent-dim"),
