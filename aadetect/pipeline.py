@@ -9,6 +9,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -21,6 +22,11 @@ from aadetect.errors import UserError, first_line
 from aadetect.images import ImageRef, ImagesOnDisk, choose_image_size, find_images, image_mode, load_images
 from aadetect.progress import Reporter
 from aadetect.scoring import sha256_file
+
+if TYPE_CHECKING:
+    from aadetect.calibration import Measurements
+    from aadetect.scoring import Detector
+    from aadetect.train import TrainResult
 
 MIN_TRAIN_IMAGES = 10
 FEW_HELD_OUT = 20  # below this many held-out images, the default thresholds are rough: say so
@@ -101,18 +107,86 @@ def read_training_images(data: Path, config: TrainConfig, reporter: Reporter):
     return pixels, kept, skipped, size, channels
 
 
+@dataclass
+class FittedDetector:
+    """A freshly trained detector, what its training did, and its held-out good images' numbers."""
+
+    detector: Detector
+    training: TrainResult
+    validation: Measurements  # the default thresholds were set on these
+
+
+def fit_detector(pixels, config: TrainConfig, *, device: str | None = None, on_step=None, on_epoch=None, save_checkpoint=None,
+                 resume_from: dict | None = None, data_label: str = "the images",
+                 discard_checkpoint=None) -> FittedDetector:
+    """Train the networks on uint8 images (N, C, S, S), fit the KDE over the kept images' codes and set the
+    default thresholds on the held-out ones.
+
+    The folder-free core of `train_detector`: for images already in memory (a tensor, or `ImagesOnDisk`),
+    and for the benchmark's studies, which must train exactly as `train` does. `device` defaults to
+    `config.device`. `discard_checkpoint` is called before an error that retraining with the same
+    settings would meet again.
+    """
+    import torch
+
+    from aadetect.calibration import Measurements, default_thresholds
+    from aadetect.density import KernelDensity
+    from aadetect.devices import exact_math, flush_denormals, resolve_device
+    from aadetect.model import residual_scale
+    from aadetect.scoring import Detector
+    from aadetect.train import encode_all, train_autoencoder
+
+    config.validate()
+    device = resolve_device(device or config.device)
+    discard_checkpoint = discard_checkpoint or (lambda: None)
+    if isinstance(pixels, ImagesOnDisk):
+        channels, size = pixels.channels, pixels.size
+    elif (isinstance(pixels, torch.Tensor) and pixels.dtype == torch.uint8 and pixels.ndim == 4
+          and pixels.shape[-1] == pixels.shape[-2]):
+        channels, size = pixels.shape[1], pixels.shape[-1]
+    else:
+        raise UserError(f"{data_label}: training takes uint8 pixels (0-255) shaped (N, C, S, S), as load_images "
+                        f"gives; got {type(pixels).__name__} {getattr(pixels, 'dtype', '')} "
+                        f"{tuple(getattr(pixels, 'shape', ()))}")
+    arch = Architecture.for_images(size, channels, config.latent_dim, config.extra_convs)
+    with exact_math(device), flush_denormals():
+        result = train_autoencoder(pixels, arch, config, device, on_step=on_step, on_epoch=on_epoch,
+                                   save_checkpoint=save_checkpoint, resume_from=resume_from)
+    # in the memory layout `load_model` gives it: trained channels_last, it computes other last bits, and the
+    # default thresholds would rest on numbers that `score` does not give for the same images
+    model = result.model.to(memory_format=torch.contiguous_format)
+    fit_indices = np.setdiff1d(result.train_indices, result.rejected)
+    if len(fit_indices) <= config.latent_dim:  # as the check before training, now that outliers are known
+        discard_checkpoint()
+        raise UserError(f"{data_label}: robust training left out {len(result.rejected)} of "
+                        f"{len(result.train_indices)} training images as likely outliers, and the "
+                        f"{len(fit_indices)} kept are too few for {config.latent_dim}-dimensional codes; use more "
+                        f"images, a smaller --latent-dim (below {len(fit_indices)}) or --no-robust")
+    with exact_math(device):
+        fit_images = pixels[torch.from_numpy(fit_indices)]
+        codes, _ = encode_all(model, fit_images, device, "mse")
+        if config.error == "scaled-mse":
+            model.error_scale.copy_(residual_scale(model, fit_images, device))
+    try:
+        density = KernelDensity.fit(codes.double().numpy(), radius=config.code_radius)
+    except ValueError as exc:
+        discard_checkpoint()
+        raise UserError(f"{data_label}: cannot fit the density ({exc})") from None
+    detector = Detector(model, density, thresholds=None, error_measure=config.error, device=device,
+                        shift_radius=config.shift_radius)
+    validation = Measurements(*detector.measure(pixels[torch.from_numpy(result.validation_indices)]))
+    detector.thresholds = default_thresholds(validation, config.target_fpr)
+    return FittedDetector(detector, result, validation)
+
+
 def train_detector(data: str | Path, config: TrainConfig, model_dir: str | Path, *,
                    reporter: Reporter | None = None, resume: bool = False) -> TrainSummary:
     """Train the autoencoder, fit the KDE, set default thresholds, and write the model folder atomically."""
     import torch
 
     from aadetect.atomic import staged_directory, write_atomic, write_text_atomic
-    from aadetect.calibration import Measurements, default_thresholds
-    from aadetect.density import KernelDensity
-    from aadetect.devices import exact_math, flush_denormals, resolve_device
-    from aadetect.model import residual_scale
-    from aadetect.scoring import Detector
-    from aadetect.train import encode_all, train_autoencoder, validation_size
+    from aadetect.devices import resolve_device
+    from aadetect.train import validation_size
 
     reporter = reporter or Reporter()
     config.validate()
@@ -124,7 +198,6 @@ def train_detector(data: str | Path, config: TrainConfig, model_dir: str | Path,
 
     pixels, refs, skipped, size, channels = read_training_images(data, config, reporter)
     data_sha256 = fingerprint(refs, data)
-    arch = Architecture.for_images(size, channels, config.latent_dim, config.extra_convs)
     checkpoint_file = checkpoint_path(model_dir)
     # what the networks depend on: the code radius and the shift radius only shape the density after training
     training_settings = {k: v for k, v in dataclasses.asdict(config).items()
@@ -146,34 +219,13 @@ def train_detector(data: str | Path, config: TrainConfig, model_dir: str | Path,
                                    f"loss {record['reconstruction']:.4f} val {record['validation']:.4f}"
                                    + (f" rejected {record['rejected']}" if config.robust else ""))
 
-        with exact_math(device), flush_denormals():
-            result = train_autoencoder(pixels, arch, config, device, on_step=lambda step: advance(step["images"]),
-                                       on_epoch=on_epoch, save_checkpoint=save_checkpoint, resume_from=resume_from)
-
-    model = result.model
-    fit_indices = np.setdiff1d(result.train_indices, result.rejected)
-    if len(fit_indices) <= config.latent_dim:  # as the check before training, now that outliers are known
-        checkpoint_file.unlink(missing_ok=True)  # resuming with these settings would end here again
-        raise UserError(f"{data}: robust training left out {len(result.rejected)} of {train_count} training images "
-                        f"as likely outliers, and the {len(fit_indices)} kept are too few for "
-                        f"{config.latent_dim}-dimensional codes; use more images, a smaller --latent-dim "
-                        f"(below {len(fit_indices)}) or --no-robust")
-    with exact_math(device):
-        fit_images = pixels[torch.from_numpy(fit_indices)]
-        codes, _ = encode_all(model, fit_images, device, "mse")
-        if config.error == "scaled-mse":
-            model.error_scale.copy_(residual_scale(model, fit_images, device))
-    try:
-        density = KernelDensity.fit(codes.double().numpy(), radius=config.code_radius)
-    except ValueError as exc:
-        checkpoint_file.unlink(missing_ok=True)  # resuming with these settings would end here again
-        raise UserError(f"{data}: cannot fit the density ({exc})") from None
-    detector = Detector(model, density, thresholds=None, error_measure=config.error, device=device,
-                        shift_radius=config.shift_radius)
-    validation = Measurements(*detector.measure(pixels[torch.from_numpy(result.validation_indices)]))
-    thresholds = default_thresholds(validation, config.target_fpr)
-    if len(validation) < FEW_HELD_OUT:
-        reporter.warn(f"the default thresholds rest on only {len(validation)} held-out images; "
+        fitted = fit_detector(pixels, config, device=device, on_step=lambda step: advance(step["images"]),
+                              on_epoch=on_epoch, save_checkpoint=save_checkpoint, resume_from=resume_from,
+                              data_label=str(data), discard_checkpoint=lambda: checkpoint_file.unlink(missing_ok=True))
+    result, model, density = fitted.training, fitted.detector.model, fitted.detector.density
+    arch = model.arch
+    if len(fitted.validation) < FEW_HELD_OUT:
+        reporter.warn(f"the default thresholds rest on only {len(fitted.validation)} held-out images; "
                       f"run `aadetect calibrate` before trusting the model's decisions")
 
     rejected = [refs[i].name for i in result.rejected]
@@ -200,7 +252,7 @@ def train_detector(data: str | Path, config: TrainConfig, model_dir: str | Path,
             density=DensityInfo(estimator="scipy.stats.gaussian_kde", bandwidth=density.bandwidth,
                                 factor=density.factor, radius=density.radius, shift_radius=config.shift_radius,
                                 n_codes=density.n_codes, file=DENSITY_FILE),
-            thresholds=thresholds,
+            thresholds=fitted.detector.thresholds,
             files={name: sha256_file(staging / name) for name in (WEIGHTS_FILE, DENSITY_FILE)},
         )
         write_text_atomic(staging / CARD_FILE, card.to_yaml())
