@@ -1,0 +1,68 @@
+"""The offline study harness gives the numbers the real CLI gives for the same split and settings."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import SIZE, TRAIN_ARGS, blob_images, invoke, write_pngs
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _load_study_module():
+    spec = importlib.util.spec_from_file_location("_bench_study", REPO / "benchmarks" / "study.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+study = _load_study_module()
+
+
+@pytest.fixture(scope="module")
+def split(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("splits") / "blobs-s0"
+    write_pngs(root / "train" / "good", blob_images(120, seed=11))
+    write_pngs(root / "calibrate" / "good", blob_images(10, seed=12))
+    write_pngs(root / "calibrate" / "anomalous", blob_images(10, seed=13, anomalous=True))
+    write_pngs(root / "test" / "good", blob_images(30, seed=14))
+    write_pngs(root / "test" / "anomalous", blob_images(30, seed=15, anomalous=True))
+    return root
+
+
+def test_study_numbers_are_the_clis(split, tmp_path):
+    results = tmp_path / "results"
+    assert study.main(["--results", str(results), "measure", "--variant", "base", "--splits", str(split),
+                       "--set", f"epochs=3,image_size={SIZE}"]) == 0
+    studied = study.evaluate(study.load(results, "base", split.name))
+
+    model = tmp_path / "model"
+    assert invoke("train", split / "train" / "good", "--out", model, *TRAIN_ARGS).exit_code == 0
+    assert invoke("calibrate", "--model", model, "--good", split / "calibrate" / "good",
+                  "--anomalous", split / "calibrate" / "anomalous").exit_code == 0
+    evaluated = json.loads(invoke("evaluate", "--model", model, "--good", split / "test" / "good",
+                                  "--anomalous", split / "test" / "anomalous", "--format", "json").stdout)
+
+    for signal in ("combined", "density", "reconstruction"):
+        assert studied[signal] == evaluated["auroc"][signal]
+    assert studied["balanced_accuracy"] == evaluated["balanced_accuracy"]
+    assert 0.5 < studied["combined"] <= 1.0
+
+
+def test_an_ensemble_averages_its_members_numbers(split, tmp_path):
+    results = tmp_path / "results"
+    for variant, setting in (("a", "seed=0"), ("b", "seed=0,adversarial=true")):
+        study.main(["--results", str(results), "measure", "--variant", variant, "--splits", str(split),
+                    "--set", f"epochs=2,image_size={SIZE},{setting}"])
+    first, second, both = (study.load(results, name, split.name) for name in ("a", "b", "a+b"))
+    for name in study.SETS:
+        assert both[name].log_density == pytest.approx((first[name].log_density + second[name].log_density) / 2)
+        assert both[name].reconstruction_error == pytest.approx(
+            (first[name].reconstruction_error * second[name].reconstruction_error) ** 0.5)
+    assert study.load(results, "a+missing", split.name) is None
