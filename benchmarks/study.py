@@ -174,12 +174,11 @@ def report(results: Path, variants: list[str], patterns: list[str]) -> None:
         if not rows:
             continue
         columns = columns or list(next(iter(rows.values())))
+        rows[f"**mean ({len(rows)})**"] = {c: float(np.mean([row[c] for row in rows.values()])) for c in columns}
         print(f"\n### {variant}\n\n| split | " + " | ".join(columns) + " |\n|---|" + "---:|" * len(columns))
         for split, row in rows.items():
-            print(f"| {split} | " + " | ".join(f"{row[c]:.4f}" if c != "train_seconds" else f"{row[c]:.0f}"
+            print(f"| {split} | " + " | ".join(f"{row[c]:.0f}" if c == "train_seconds" else f"{row[c]:.4f}"
                                               for c in columns) + " |")
-        print(f"| **mean ({len(rows)})** | " + " | ".join(f"{np.mean([r[c] for r in rows.values()]):.4f}"
-                                                       for c in columns) + " |")
 
 
 def main(argv=None) -> int:
