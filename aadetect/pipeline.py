@@ -116,8 +116,8 @@ class FittedDetector:
     validation: Measurements  # the default thresholds were set on these
 
 
-def fit_detector(pixels, config: TrainConfig, *, device: str | None = None, on_step=None, on_epoch=None, save_checkpoint=None,
-                 resume_from: dict | None = None, data_label: str = "the images",
+def fit_detector(pixels, config: TrainConfig, *, device: str | None = None, on_step=None, on_epoch=None,
+                 save_checkpoint=None, resume_from: dict | None = None, data_label: str = "the images",
                  discard_checkpoint=None) -> FittedDetector:
     """Train the networks on uint8 images (N, C, S, S), fit the KDE over the kept images' codes and set the
     default thresholds on the held-out ones.
@@ -134,7 +134,7 @@ def fit_detector(pixels, config: TrainConfig, *, device: str | None = None, on_s
     from aadetect.devices import exact_math, flush_denormals, resolve_device
     from aadetect.model import residual_scale
     from aadetect.scoring import Detector
-    from aadetect.train import encode_all, train_autoencoder
+    from aadetect.train import encode_all, train_autoencoder, validation_size
 
     config.validate()
     device = resolve_device(device or config.device)
@@ -148,6 +148,11 @@ def fit_detector(pixels, config: TrainConfig, *, device: str | None = None, on_s
         raise UserError(f"{data_label}: training takes uint8 pixels (0-255) shaped (N, C, S, S), as load_images "
                         f"gives; got {type(pixels).__name__} {getattr(pixels, 'dtype', '')} "
                         f"{tuple(getattr(pixels, 'shape', ()))}")
+    train_count = len(pixels) - validation_size(len(pixels), config.validation_fraction)
+    if train_count <= config.latent_dim:  # the density needs more codes than dimensions: say so before training
+        raise UserError(f"{data_label}: {train_count} training images (besides {len(pixels) - train_count} held "
+                        f"out) are too few for {config.latent_dim}-dimensional codes; use more images or a "
+                        f"smaller --latent-dim (below {train_count})")
     arch = Architecture.for_images(size, channels, config.latent_dim, config.extra_convs)
     with exact_math(device), flush_denormals():
         result = train_autoencoder(pixels, arch, config, device, on_step=on_step, on_epoch=on_epoch,
@@ -209,10 +214,6 @@ def train_detector(data: str | Path, config: TrainConfig, model_dir: str | Path,
         write_atomic(checkpoint_file, lambda temp: torch.save({**state, "identity": identity}, temp))
 
     train_count = len(refs) - validation_size(len(refs), config.validation_fraction)
-    if train_count <= config.latent_dim:  # the density needs more codes than dimensions: say so before training
-        raise UserError(f"{data}: {train_count} training images (besides {len(refs) - train_count} held out) "
-                        f"are too few for {config.latent_dim}-dimensional codes; use more images or a "
-                        f"smaller --latent-dim (below {train_count})")
     with reporter.progress("training", total=config.epochs * train_count) as advance:
         def on_epoch(record: dict) -> None:
             advance(0, description=f"epoch {record['epoch']}/{config.epochs} "

@@ -8,7 +8,9 @@ import os
 # spinning against each other on small CI machines (subprocesses inherit this too).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+import importlib.util  # noqa: E402
 import json  # noqa: E402
+import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -19,6 +21,19 @@ from typer.testing import CliRunner  # noqa: E402
 from aadetect.cli import app  # noqa: E402
 
 SIZE = 16
+REPO = Path(__file__).resolve().parents[1]
+
+
+def benchmark_module(name: str):
+    """benchmarks/NAME.py, imported by path: benchmarks/ is not part of the installed package, and the tests
+    must not depend on the working directory."""
+    key = f"_bench_{name}"
+    if key not in sys.modules:
+        spec = importlib.util.spec_from_file_location(key, REPO / "benchmarks" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[key] = module
+        spec.loader.exec_module(module)
+    return sys.modules[key]
 
 
 def blob_images(count: int, seed: int, anomalous: bool = False) -> np.ndarray:

@@ -4,29 +4,16 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import importlib.util
 import json
 import struct
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import benchmark_module
 
-
-def _load_datasets_module():
-    # Import benchmarks/datasets.py by path: benchmarks/ is not part of the
-    # installed package, and the tests must not depend on the working directory.
-    spec = importlib.util.spec_from_file_location("_bench_datasets", REPO / "benchmarks" / "datasets.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-D = _load_datasets_module()
+D = benchmark_module("datasets")
 
 N_CLASSES = 3
 N_TRAIN_PER_CLASS = 40
@@ -246,16 +233,8 @@ def test_contamination_nested_across_alpha(tiny):
 # ------------------------------------------------------- harness metric helpers
 
 
-def _load_oneclass_module():
-    spec = importlib.util.spec_from_file_location("_bench_oneclass", REPO / "benchmarks" / "oneclass.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_auroc_mann_whitney():
-    O = _load_oneclass_module()
+    O = benchmark_module("oneclass")
     assert O.auroc([0, 1, 2], [3, 4]) == 1.0
     assert O.auroc([3, 4], [0, 1, 2]) == 0.0
     assert O.auroc([1, 1], [1, 1]) == 0.5  # ties count one half
@@ -268,7 +247,7 @@ def test_auroc_mann_whitney():
 
 
 def test_calibrated_threshold():
-    O = _load_oneclass_module()
+    O = benchmark_module("oneclass")
     thr = O.calibrate_threshold([0, 1, 2], [10, 11, 12])
     assert thr == pytest.approx(6.0)  # middle of the gap
     assert O.balanced_accuracy([0, 1, 2], [10, 11, 12], thr) == 1.0

@@ -2,27 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import SIZE, TRAIN_ARGS, blob_images, invoke, write_pngs
+from conftest import SIZE, TRAIN_ARGS, benchmark_module, blob_images, invoke, write_pngs
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _load_study_module():
-    spec = importlib.util.spec_from_file_location("_bench_study", REPO / "benchmarks" / "study.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-study = _load_study_module()
+study = benchmark_module("study")
 
 
 @pytest.fixture(scope="module")
