@@ -92,6 +92,7 @@ def write_demo_split(root: Path, seed: int) -> Path:
 
 def measure(split: Path, config: TrainConfig, out: Path) -> str:
     """Train one variant on one split and save every image's two numbers."""
+    from aadetect.atomic import write_atomic
     from aadetect.images import find_images, load_images
     from aadetect.pipeline import fit_detector, read_training_images
     from aadetect.progress import Reporter
@@ -106,9 +107,13 @@ def measure(split: Path, config: TrainConfig, out: Path) -> str:
         if folder is not None:
             images = load_images(find_images(split / folder), size, channels)[0]
             numbers[f"{name}_reconstruction_error"], numbers[f"{name}_log_density"] = fitted.detector.measure(images)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(out, train_seconds=train_seconds, rejected=np.array([refs[i].name for i in fitted.training.rejected]),
-             settings=repr(config), **numbers)
+    rejected = np.array([refs[i].name for i in fitted.training.rejected])
+
+    def save(temp: Path) -> None:
+        with open(temp, "wb") as handle:  # a file object: given a path, np.savez would add ".npz" to it
+            np.savez(handle, train_seconds=train_seconds, rejected=rejected, settings=repr(config), **numbers)
+
+    write_atomic(out, save)  # a run stopped half-way must not leave a file that the next run keeps
     return f"{out.parent.name} {split.name}: trained in {train_seconds:.0f} s, {len(fitted.training.rejected)} rejected"
 
 
