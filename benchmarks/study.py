@@ -36,7 +36,7 @@ if str(HERE.parent) not in sys.path:
 
 from aadetect.calibration import Measurements, choose_thresholds  # noqa: E402
 from aadetect.config import TrainConfig  # noqa: E402
-from aadetect.metrics import auroc  # noqa: E402
+from aadetect.metrics import auroc, confusion, decision_metrics  # noqa: E402
 from aadetect.scoring import decide  # noqa: E402
 
 SETS = {"validation": None, "calibrate_good": "calibrate/good", "calibrate_anomalous": "calibrate/anomalous",
@@ -165,7 +165,8 @@ def evaluate(numbers: dict) -> dict[str, float]:
         "combined": combined,
         "density": density,
         "reconstruction": auroc(good.reconstruction_error, anomalous.reconstruction_error),
-        "balanced_accuracy": 0.5 * (1 - good_scores.anomaly.mean() + anomalous_scores.anomaly.mean()),
+        "balanced_accuracy": float(decision_metrics(**confusion(good_scores.anomaly,
+                                                                anomalous_scores.anomaly))["balanced_accuracy"]),
         "equal_heights": auroc(np.maximum(good_error_z, good_density_z),
                                np.maximum(anomalous_error_z, anomalous_density_z)),
         "z_sum": auroc(good_error_z + good_density_z, anomalous_error_z + anomalous_density_z),
