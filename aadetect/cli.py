@@ -147,10 +147,12 @@ def train(
                           ] = TrainConfig.image_size,
     latent_dim: Annotated[int, typer.Option(help="Size of the bottleneck code.")] = TrainConfig.latent_dim,
     batch_size: Annotated[int, typer.Option(help="Images per training step.")] = TrainConfig.batch_size,
-    error: Annotated[ErrorMeasure, typer.Option(help="Reconstruction error measure. scaled-mse: each pixel's "
-                                                     "residual divided by how well good images are rebuilt "
-                                                     "there; smooth-mse: of the residual averaged over 3x3 "
-                                                     "pixels.")] = ErrorMeasure(TrainConfig.error),
+    error: Annotated[ErrorMeasure, typer.Option(help="Reconstruction error measure. ssim: the structural "
+                                                     "dissimilarity of the worst 10% of pixels, each divided by "
+                                                     "how well good images are rebuilt there; scaled-mse: the "
+                                                     "squared residual, so divided, of all pixels; smooth-mse: "
+                                                     "of the residual averaged over 3x3 pixels.")
+                     ] = ErrorMeasure(TrainConfig.error),
     code_radius: Annotated[CodeRadius, typer.Option(help="How a code's length enters the latent density. sqrt: "
                                                          "square-rooted, so the code's direction weighs more; "
                                                          "linear: as it is.")] = CodeRadius(TrainConfig.code_radius),

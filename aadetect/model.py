@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from aadetect.config import Architecture
+from aadetect.config import SCALED_MEASURES, Architecture
 
 
 def refinement(width: int, count: int, activation) -> list[nn.Module]:
@@ -85,21 +85,68 @@ class AdversarialAutoencoder(nn.Module):
         return codes, self.decoder(codes)
 
 
+SSIM_WINDOW, SSIM_SIGMA = 5, 1.0  # a small Gaussian window: 28-32 px images have few pixels to spare
+SSIM_C1, SSIM_C2 = 0.01 ** 2, 0.03 ** 2  # the usual stabilisers for pixels in [0, 1] (Wang et al., 2004)
+WORST_FRACTION = 0.1  # the ssim error is the mean over this fraction of each image's pixels, the worst ones
+
+
+def structural_dissimilarity(reconstruction: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+    """Per-pixel (1 - SSIM) / 2 of each channel (B, C, H, W), in [0, 1]: how far the local means, contrasts and
+    correlation of the two images differ around each pixel. Edges repeat into the window."""
+    channels = images.shape[1]
+    axis = torch.arange(SSIM_WINDOW, dtype=images.dtype, device=images.device) - SSIM_WINDOW // 2
+    bell = torch.exp(-axis.square() / (2 * SSIM_SIGMA ** 2))
+    bell = bell / bell.sum()
+    window = (bell[:, None] * bell[None, :]).expand(channels, 1, SSIM_WINDOW, SSIM_WINDOW)
+    pad = SSIM_WINDOW // 2
+
+    def local_mean(values: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.conv2d(torch.nn.functional.pad(values, (pad,) * 4, mode="replicate"),
+                                          window, groups=channels)
+
+    mean_a, mean_b = local_mean(reconstruction), local_mean(images)
+    variance_a = local_mean(reconstruction * reconstruction) - mean_a.square()
+    variance_b = local_mean(images * images) - mean_b.square()
+    covariance = local_mean(reconstruction * images) - mean_a * mean_b
+    similarity = ((2 * mean_a * mean_b + SSIM_C1) * (2 * covariance + SSIM_C2)
+                  / ((mean_a.square() + mean_b.square() + SSIM_C1) * (variance_a + variance_b + SSIM_C2)))
+    return (1 - similarity) / 2
+
+
+def error_map(reconstruction: torch.Tensor, images: torch.Tensor, measure: str,
+              scale: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-pixel error (B, C, H, W) that the measure averages: the residual (mse, rmse, mae), the residual
+    averaged over 3x3 pixels (smooth-mse), or the residual (scaled-mse) or structural dissimilarity (ssim)
+    divided by each pixel's scale over good images."""
+    if measure == "ssim":
+        difference = structural_dissimilarity(reconstruction, images)
+    else:
+        difference = reconstruction - images
+    if measure in SCALED_MEASURES:
+        if scale is None:
+            raise ValueError(f"the {measure} error needs the per-pixel scale")
+        difference = difference / scale
+    elif measure == "smooth-mse":
+        difference = torch.nn.functional.avg_pool2d(difference, 3, stride=1, padding=1)
+    return difference
+
+
 def reconstruction_error(reconstruction: torch.Tensor, images: torch.Tensor, measure: str,
                          scale: torch.Tensor | None = None) -> torch.Tensor:
     """Per-image error: mean squared (mse), mean absolute (mae), root mean squared (rmse),
     scaled-mse: mean squared after dividing each pixel's residual by `scale` (the model's
     `error_scale`), so a pixel the model rebuilds well on every good image counts more when it
-    is off, or smooth-mse: mean squared after averaging the residual over 3x3 neighbourhoods,
+    is off, smooth-mse: mean squared after averaging the residual over 3x3 neighbourhoods,
     so that a stroke drawn a pixel off (plus and minus side by side) counts less than a missing
-    or extra part."""
-    difference = reconstruction - images
-    if measure == "scaled-mse":
-        if scale is None:
-            raise ValueError("the scaled-mse error needs the per-pixel scale")
-        difference = difference / scale
-    elif measure == "smooth-mse":
-        difference = torch.nn.functional.avg_pool2d(difference, 3, stride=1, padding=1)
+    or extra part, or ssim: the structural dissimilarity, scaled per pixel as scaled-mse, squared and
+    averaged over the worst 10% of the pixels, so that a small defect (a parasite in a cell) is not
+    diluted by the many pixels rebuilt well, and a texture rebuilt a little blurred counts less than
+    a missing or extra part (benchmarks/RESULTS.md)."""
+    difference = error_map(reconstruction, images, measure, scale)
+    if measure == "ssim":
+        per_pixel = difference.square().mean(1).flatten(1)
+        worst = max(1, round(WORST_FRACTION * per_pixel.shape[1]))
+        return per_pixel.topk(worst, dim=1, sorted=False).values.mean(1)
     difference = difference.flatten(1)
     if measure == "mae":
         return difference.abs().mean(1)
@@ -108,18 +155,19 @@ def reconstruction_error(reconstruction: torch.Tensor, images: torch.Tensor, mea
 
 
 @torch.inference_mode()
-def residual_scale(model: AdversarialAutoencoder, images, device: torch.device | str,
+def residual_scale(model: AdversarialAutoencoder, images, device: torch.device | str, measure: str = "scaled-mse",
                    batch_size: int = 256) -> torch.Tensor:
-    """The scaled-mse divisor: each pixel's root-mean-square residual over good images, plus the
-    mean of those, so that no pixel divides by almost zero and a pixel that is always rebuilt
-    well weighs at most four times an average one. (On Fashion-MNIST, a pullover's sleeves then
-    stand out on a T-shirt model: benchmarks/RESULTS.md.)"""
+    """The scaled measures' divisor: each pixel's root-mean-square residual (scaled-mse) or structural
+    dissimilarity (ssim) over good images, plus the mean of those, so that no pixel divides by almost zero
+    and a pixel that is always rebuilt well weighs at most four times an average one. (On Fashion-MNIST,
+    a pullover's sleeves then stand out on a T-shirt model: benchmarks/RESULTS.md.)"""
     model.eval()
     squares = torch.zeros(model.arch.channels, model.arch.image_size, model.arch.image_size,
                           dtype=torch.float64, device=device)
+    unscaled = torch.ones_like(squares, dtype=torch.float32)
     for start in range(0, len(images), batch_size):
         batch = to_input(images[start:start + batch_size], device)
-        squares += (model(batch)[1] - batch).double().square().sum(0)
+        squares += error_map(model(batch)[1], batch, measure, unscaled).double().square().sum(0)
     rms = (squares / max(len(images), 1)).sqrt()
     return (rms + rms.mean()).float()
 

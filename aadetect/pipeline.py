@@ -17,7 +17,7 @@ from aadetect import __version__
 from aadetect.card import (CARD_FILE, DENSITY_FILE, FORMAT_VERSION, REJECTED_FILE, VALIDATION_FILE, WEIGHTS_FILE,
                            ArchitectureInfo, Calibration, DataInfo, DensityInfo, ModelCard, Preprocessing,
                            TrainingInfo, read_card)
-from aadetect.config import AUTO, OBJECTIVES, Architecture, TrainConfig, check_fraction
+from aadetect.config import AUTO, OBJECTIVES, SCALED_MEASURES, Architecture, TrainConfig, check_fraction
 from aadetect.errors import UserError, first_line
 from aadetect.images import ImageRef, ImagesOnDisk, choose_image_size, find_images, image_mode, load_images
 from aadetect.progress import Reporter
@@ -170,8 +170,8 @@ def fit_detector(pixels, config: TrainConfig, *, device: str | None = None, on_s
     with exact_math(device):
         fit_images = pixels[torch.from_numpy(fit_indices)]
         codes, _ = encode_all(model, fit_images, device, "mse")
-        if config.error == "scaled-mse":
-            model.error_scale.copy_(residual_scale(model, fit_images, device))
+        if config.error in SCALED_MEASURES:
+            model.error_scale.copy_(residual_scale(model, fit_images, device, config.error))
     try:
         density = KernelDensity.fit(codes.double().numpy(), radius=config.code_radius)
     except ValueError as exc:

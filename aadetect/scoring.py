@@ -18,6 +18,7 @@ from typing import Iterator
 import numpy as np
 
 from aadetect.card import DENSITY_FILE, WEIGHTS_FILE, ModelCard, Thresholds, read_card
+from aadetect.config import SCALED_MEASURES
 from aadetect.errors import UserError, first_line
 from aadetect.images import ImageRef, ImagesOnDisk, iterate_batches, materialize
 from aadetect.parallel import piece_pool
@@ -270,7 +271,7 @@ def load_model(model_dir: Path, card: ModelCard, device: str):
         raise UserError(f"{path}: refused to load (not a plain tensor file: {first_line(exc, 120)})") from None
     except Exception as exc:
         raise UserError(f"{path}: cannot read weights ({first_line(exc, 160)})") from None
-    if isinstance(state, dict) and "error_scale" not in state and card.error_measure != "scaled-mse":
+    if isinstance(state, dict) and "error_scale" not in state and card.error_measure not in SCALED_MEASURES:
         state["error_scale"] = torch.ones(arch.channels, arch.image_size, arch.image_size)  # cards before it
     try:
         model = AdversarialAutoencoder(arch)

@@ -45,7 +45,7 @@ def test_train_writes_a_complete_card(model_dir, dataset):
 
 
 def test_the_default_error_is_scaled_by_the_kept_training_images(model_dir, dataset):
-    """scaled-mse's per-pixel divisor comes from the images the KDE is fitted on, after training."""
+    """The default (ssim) error's per-pixel divisor comes from the images the KDE is fitted on, after training."""
     import torch
 
     from aadetect.images import find_images, load_images
@@ -53,7 +53,7 @@ def test_the_default_error_is_scaled_by_the_kept_training_images(model_dir, data
     from aadetect.scoring import Detector
 
     card = ModelCard.from_yaml((model_dir / "card.yaml").read_text())
-    assert card.error_measure == "scaled-mse" == card.training.settings["error"]
+    assert card.error_measure == "ssim" == card.training.settings["error"]
     left_out = set()
     for name in ("validation.txt", "rejected.txt"):
         left_out |= set((model_dir / name).read_text().splitlines())
@@ -61,7 +61,7 @@ def test_the_default_error_is_scaled_by_the_kept_training_images(model_dir, data
     assert len(kept) == card.density.n_codes
     detector = Detector.load(model_dir, "cpu")
     pixels = load_images(kept, SIZE, 1)[0]
-    expected = residual_scale(detector.model, pixels, "cpu")
+    expected = residual_scale(detector.model, pixels, "cpu", "ssim")
     assert torch.allclose(detector.model.error_scale, expected, rtol=1e-5, atol=0)
     assert expected.std() > 0.05 * expected.mean()  # not a constant: pixels differ in how well they are rebuilt
 

@@ -90,6 +90,48 @@ def test_residual_scale_is_the_rms_residual_plus_its_mean():
     assert torch.allclose(scale, rms + rms.mean(), rtol=1e-5, atol=0)
 
 
+def test_structural_dissimilarity_of_flat_images_is_the_luminance_term():
+    from aadetect.model import SSIM_C1, structural_dissimilarity
+
+    bright, dark = torch.full((1, 1, 8, 8), 0.5), torch.full((1, 1, 8, 8), 0.3)
+    similarity = (2 * 0.5 * 0.3 + SSIM_C1) / (0.5 ** 2 + 0.3 ** 2 + SSIM_C1)  # no contrast, so only the means differ
+    expected = torch.full((1, 1, 8, 8), (1 - similarity) / 2)
+    assert torch.allclose(structural_dissimilarity(bright, dark), expected, rtol=0, atol=1e-5)  # float32 variances
+    textured = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    assert structural_dissimilarity(textured, textured).abs().max() < 1e-5
+
+
+def test_ssim_error_is_not_diluted_by_the_pixels_rebuilt_well():
+    """A small defect counts more than the same squared residual spread over the whole image, which mse
+    cannot tell apart; and it counts more where good images are rebuilt well (a smaller scale)."""
+    images = torch.rand(1, 1, 16, 16, generator=torch.Generator().manual_seed(0)) * 0.2 + 0.4
+    defect, spread = images.clone(), images.clone()
+    defect[0, 0, 6:9, 6:9] += 0.4  # 9 pixels off by 0.4
+    spread += 0.4 * (9 / 256) ** 0.5  # every pixel off by the same total squared residual
+    assert reconstruction_error(defect, images, "mse") == pytest.approx(reconstruction_error(spread, images, "mse").item())
+    scale = torch.ones(1, 16, 16)
+    local, diffuse = (reconstruction_error(r, images, "ssim", scale).item() for r in (defect, spread))
+    assert local > 10 * diffuse
+    scale[0, 2:14, 2:14] = 0.5  # around the defect, as far as the 5x5 window carries it
+    assert reconstruction_error(defect, images, "ssim", scale).item() == pytest.approx(4 * local, rel=1e-4)
+    with pytest.raises(ValueError, match="scale"):
+        reconstruction_error(defect, images, "ssim")
+
+
+def test_ssim_scale_is_the_rms_dissimilarity_plus_its_mean():
+    from aadetect.model import residual_scale, structural_dissimilarity
+
+    torch.manual_seed(0)
+    model = AdversarialAutoencoder(Architecture.for_images(8, 3, 4)).eval()
+    pixels = torch.randint(0, 256, (10, 3, 8, 8), dtype=torch.uint8)
+    scale = residual_scale(model, pixels, "cpu", "ssim", batch_size=3)
+    with torch.no_grad():
+        inputs = pixels.float() / 255
+        rms = structural_dissimilarity(model(inputs)[1], inputs).square().mean(0).sqrt()
+    assert scale.shape == (3, 8, 8)
+    assert torch.allclose(scale, rms + rms.mean(), rtol=1e-5, atol=0)
+
+
 def test_shifted_views_move_the_image_and_repeat_its_edges():
     from aadetect.model import shifted_views
 

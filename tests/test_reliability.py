@@ -167,7 +167,7 @@ def test_closed_stdin_and_bugs_never_exit_1(model_dir, monkeypatch):
     (lambda card: card["thresholds"].update(reconstruction=float("nan")), "thresholds.reconstruction is not a finite"),
     (lambda card: card.update(format_version=99), "unknown card format_version 99"),
     (lambda card: card["architecture"].update(latent_dim="16"), "architecture.latent_dim must be int"),
-    (lambda card: card.update(error_measure="ssim"), "error_measure must be one of"),
+    (lambda card: card.update(error_measure="psnr"), "error_measure must be one of"),
     (lambda card: card["density"].update(radius="log"), "density.radius must be one of"),
     (lambda card: card["thresholds"].update(density_scale=-1.0), "threshold scales must be positive"),
     (lambda card: card.update(density=None), "card.yaml: density must be a mapping"),
