@@ -76,17 +76,21 @@ def test_scaled_mse_weighs_each_pixel_by_its_scale():
         reconstruction_error(off_here, images, "scaled-mse")
 
 
-def test_residual_scale_is_the_rms_residual_plus_its_mean():
-    from aadetect.model import residual_scale
+@pytest.mark.parametrize("measure, channels", [("scaled-mse", 1), ("ssim", 3)])
+def test_error_scale_is_the_rms_of_the_unscaled_map_plus_its_mean(measure, channels):
+    from aadetect.model import residual_scale, structural_dissimilarity
 
     torch.manual_seed(0)
-    model = AdversarialAutoencoder(Architecture.for_images(8, 1, 4)).eval()
-    pixels = torch.randint(0, 256, (10, 1, 8, 8), dtype=torch.uint8)
-    scale = residual_scale(model, pixels, "cpu", batch_size=3)  # batches of 3, 3, 3, 1
+    model = AdversarialAutoencoder(Architecture.for_images(8, channels, 4)).eval()
+    pixels = torch.randint(0, 256, (10, channels, 8, 8), dtype=torch.uint8)
+    scale = residual_scale(model, pixels, "cpu", measure, batch_size=3)  # batches of 3, 3, 3, 1
     with torch.no_grad():
         inputs = pixels.float() / 255
-        rms = (model(inputs)[1] - inputs).square().mean(0).sqrt()
-    assert scale.shape == (1, 8, 8)
+        reconstruction = model(inputs)[1]
+        unscaled = (structural_dissimilarity(reconstruction, inputs) if measure == "ssim"
+                    else reconstruction - inputs)
+        rms = unscaled.square().mean(0).sqrt()
+    assert scale.shape == (channels, 8, 8)
     assert torch.allclose(scale, rms + rms.mean(), rtol=1e-5, atol=0)
 
 
@@ -116,20 +120,6 @@ def test_ssim_error_is_not_diluted_by_the_pixels_rebuilt_well():
     assert reconstruction_error(defect, images, "ssim", scale).item() == pytest.approx(4 * local, rel=1e-4)
     with pytest.raises(ValueError, match="scale"):
         reconstruction_error(defect, images, "ssim")
-
-
-def test_ssim_scale_is_the_rms_dissimilarity_plus_its_mean():
-    from aadetect.model import residual_scale, structural_dissimilarity
-
-    torch.manual_seed(0)
-    model = AdversarialAutoencoder(Architecture.for_images(8, 3, 4)).eval()
-    pixels = torch.randint(0, 256, (10, 3, 8, 8), dtype=torch.uint8)
-    scale = residual_scale(model, pixels, "cpu", "ssim", batch_size=3)
-    with torch.no_grad():
-        inputs = pixels.float() / 255
-        rms = structural_dissimilarity(model(inputs)[1], inputs).square().mean(0).sqrt()
-    assert scale.shape == (3, 8, 8)
-    assert torch.allclose(scale, rms + rms.mean(), rtol=1e-5, atol=0)
 
 
 def test_shifted_views_move_the_image_and_repeat_its_edges():
