@@ -77,7 +77,7 @@ class AdversarialAutoencoder(nn.Module):
         self.encoder = Encoder(arch)
         self.decoder = Decoder(arch)
         self.discriminator = Discriminator(arch)
-        # What each pixel's residual is divided by for the scaled-mse error; set after training.
+        # What each pixel's residual (scaled-mse) or dissimilarity (ssim) is divided by; set after training.
         self.register_buffer("error_scale", torch.ones(arch.channels, arch.image_size, arch.image_size))
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,7 +92,8 @@ WORST_FRACTION = 0.1  # the ssim error is the mean over this fraction of each im
 
 def structural_dissimilarity(reconstruction: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
     """Per-pixel (1 - SSIM) / 2 of each channel (B, C, H, W), in [0, 1]: how far the local means, contrasts and
-    correlation of the two images differ around each pixel. Edges repeat into the window."""
+    correlation of the two images differ around each pixel. Edges repeat into the window. (Float32 variances
+    can put a near-perfect patch a hair below 0, about -1e-4; the ssim error squares it, so that is harmless.)"""
     channels = images.shape[1]
     axis = torch.arange(SSIM_WINDOW, dtype=images.dtype, device=images.device) - SSIM_WINDOW // 2
     bell = torch.exp(-axis.square() / (2 * SSIM_SIGMA ** 2))
@@ -155,7 +156,7 @@ def reconstruction_error(reconstruction: torch.Tensor, images: torch.Tensor, mea
 
 
 @torch.inference_mode()
-def residual_scale(model: AdversarialAutoencoder, images, device: torch.device | str, measure: str = "scaled-mse",
+def residual_scale(model: AdversarialAutoencoder, images, device: torch.device | str, measure: str = "scaled-mse", *,
                    batch_size: int = 256) -> torch.Tensor:
     """The scaled measures' divisor: each pixel's root-mean-square residual (scaled-mse) or structural
     dissimilarity (ssim) over good images, plus the mean of those, so that no pixel divides by almost zero
