@@ -24,6 +24,8 @@ WEIGHTS_FILE = "weights.pt"
 DENSITY_FILE = "density.npz"
 VALIDATION_FILE = "validation.txt"
 REJECTED_FILE = "rejected.txt"
+LOOKALIKES_FILE = "lookalikes.txt"
+DENSITY_IMAGES_FILE = "density_images.txt"  # the training images behind the density's codes, in order
 
 
 @dataclass
@@ -108,6 +110,9 @@ class Calibration:
     anomalous_path: str | None
     metrics: dict[str, float]
     warnings: list[str]
+    # training codes left out of the density: they look like the anomalous samples (aadetect.lookalikes)
+    lookalike_codes: list[int] = field(default_factory=list)
+    lookalikes_file: str | None = None
 
 
 @dataclass
@@ -185,6 +190,12 @@ class ModelCard:
         if self.error_measure not in ERROR_MEASURES:
             raise UserError(f"{source}: error_measure must be one of {', '.join(ERROR_MEASURES)}, "
                             f"got {self.error_measure!r:.40}")
+        lookalikes = self.calibration.lookalike_codes if self.calibration else []
+        if any(not 0 <= i < self.density.n_codes for i in lookalikes) or len(set(lookalikes)) != len(lookalikes):
+            raise UserError(f"{source}: calibration.lookalike_codes must be distinct code numbers from 0 to "
+                            f"{self.density.n_codes - 1}")
+        if len(lookalikes) >= self.density.n_codes - self.architecture.latent_dim:
+            raise UserError(f"{source}: calibration.lookalike_codes leaves too few codes for the density")
         if self.density.radius not in CODE_RADII:
             raise UserError(f"{source}: density.radius must be one of {', '.join(CODE_RADII)}, "
                             f"got {self.density.radius!r:.40}")

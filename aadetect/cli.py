@@ -209,24 +209,33 @@ def calibrate(
     target_fpr: Annotated[Optional[float], typer.Option(
         help="Flag at most this fraction of the good samples (with no --anomalous: the model's own training "
              f"budget, {TrainConfig.target_fpr} by default).")] = None,
+    keep_lookalikes: Annotated[bool, typer.Option(
+        "--keep-lookalikes", help="Keep every training image in the density, even those that look like the "
+                                  "anomalous samples (by default they are left out and listed in lookalikes.txt).")]
+        = False,
     format: Annotated[ReportFormat, typer.Option("--format", "-f", help="Output format.")] = ReportFormat.table,
     device: DeviceOption = "auto",
     quiet: QuietOption = False,
 ) -> None:
-    """Choose both thresholds from a few labelled samples and write them into the model card."""
+    """Choose both thresholds from a few labelled samples and write them into the model card.
+
+    Training images that look like the anomalous samples (hidden anomalies, or good images too close to
+    them) are left out of the density first, and listed in the model folder's lookalikes.txt.
+    """
     from aadetect.pipeline import calibrate_detector
 
     card = calibrate_detector(model, good, anomalous, objective=objective.value, target_fpr=target_fpr,
-                              device=device, reporter=reporter_for(quiet))
+                              exclude_lookalikes=not keep_lookalikes, device=device, reporter=reporter_for(quiet))
     report = {"thresholds": {"reconstruction": card.thresholds.reconstruction, "density": card.thresholds.density},
               "metrics": card.calibration.metrics, "good_count": card.calibration.good_count,
-              "anomalous_count": card.calibration.anomalous_count, "warnings": card.calibration.warnings}
+              "anomalous_count": card.calibration.anomalous_count,
+              "lookalikes": len(card.calibration.lookalike_codes), "warnings": card.calibration.warnings}
     if format == ReportFormat.json:
         typer.echo(json.dumps(report))
     else:
         print_table("calibration", [("reconstruction threshold", report["thresholds"]["reconstruction"]),
                                     ("density threshold", report["thresholds"]["density"]),
-                                    *report["metrics"].items()])
+                                    *report["metrics"].items(), ("lookalikes left out", report["lookalikes"])])
 
 
 @app.command()

@@ -294,6 +294,13 @@ class KernelDensity:
     def radius(self) -> str:
         return self._radius
 
+    def without(self, indices) -> "KernelDensity":
+        """The same kernel over the codes less those at `indices` (the covariance is not refitted, so
+        the density keeps the bandwidth its training codes chose)."""
+        keep = np.ones(self.n_codes, dtype=bool)
+        keep[np.asarray(indices, dtype=np.int64)] = False
+        return KernelDensity(self._codes[keep], self._covariance, self._bandwidth, self._factor, self._radius)
+
     def __repr__(self) -> str:
         return (
             f"KernelDensity(n_codes={self.n_codes}, dim={self.dim}, "

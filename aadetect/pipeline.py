@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from aadetect import __version__
-from aadetect.card import (CARD_FILE, DENSITY_FILE, FORMAT_VERSION, REJECTED_FILE, VALIDATION_FILE, WEIGHTS_FILE,
+from aadetect.card import (CARD_FILE, DENSITY_FILE, DENSITY_IMAGES_FILE, FORMAT_VERSION, LOOKALIKES_FILE,
+                           REJECTED_FILE, VALIDATION_FILE, WEIGHTS_FILE,
                            ArchitectureInfo, Calibration, DataInfo, DensityInfo, ModelCard, Preprocessing,
                            TrainingInfo, read_card)
 from aadetect.config import AUTO, OBJECTIVES, SCALED_MEASURES, Architecture, TrainConfig, check_fraction
@@ -114,6 +115,7 @@ class FittedDetector:
     detector: Detector
     training: TrainResult
     validation: Measurements  # the default thresholds were set on these
+    density_indices: np.ndarray  # the images whose codes the density holds, in its order
 
 
 def fit_detector(pixels, config: TrainConfig, *, device: str | None = None, on_step=None, on_epoch=None,
@@ -181,7 +183,7 @@ def fit_detector(pixels, config: TrainConfig, *, device: str | None = None, on_s
                         shift_radius=config.shift_radius)
     validation = Measurements(*detector.measure(pixels[torch.from_numpy(result.validation_indices)]))
     detector.thresholds = default_thresholds(validation, config.target_fpr)
-    return FittedDetector(detector, result, validation)
+    return FittedDetector(detector, result, validation, fit_indices)
 
 
 def train_detector(data: str | Path, config: TrainConfig, model_dir: str | Path, *,
@@ -235,6 +237,7 @@ def train_detector(data: str | Path, config: TrainConfig, model_dir: str | Path,
         density.save(staging / DENSITY_FILE)
         write_names(staging / VALIDATION_FILE, [refs[i].name for i in result.validation_indices])
         write_names(staging / REJECTED_FILE, rejected)
+        write_names(staging / DENSITY_IMAGES_FILE, [refs[i].name for i in fitted.density_indices])
         card = ModelCard(
             format_version=FORMAT_VERSION, aadetect_version=__version__, created=now(), error_measure=config.error,
             data=DataInfo(path=str(data.resolve()), image_count=len(refs), sha256=data_sha256, skipped=skipped,
@@ -261,9 +264,21 @@ def train_detector(data: str | Path, config: TrainConfig, model_dir: str | Path,
     return TrainSummary(card=card, model_dir=model_dir, rejected=rejected, skipped=skipped)
 
 
-def write_names(path: Path, names: list[str]) -> None:
+def write_names(path: Path, names: list[str], *, atomic: bool = False) -> None:
     """One file name a line, as the bytes the file system gave (a name need not be UTF-8 on Linux)."""
-    path.write_text("".join(name + "\n" for name in names), encoding="utf-8", errors="surrogateescape")
+    from aadetect.atomic import write_atomic
+
+    def write(target: Path) -> None:
+        target.write_text("".join(name + "\n" for name in names), encoding="utf-8", errors="surrogateescape")
+
+    if atomic:
+        write_atomic(path, write)
+    else:
+        write(path)
+
+
+def read_names(path: Path) -> list[str]:
+    return path.read_text(encoding="utf-8", errors="surrogateescape").splitlines()
 
 
 def _read_checkpoint(path: Path, identity: dict) -> dict:
@@ -321,11 +336,16 @@ def measure_folder(detector, path: str | Path, refs: list[ImageRef], reporter: R
 
 def calibrate_detector(model_dir: str | Path, good: str | Path, anomalous: str | Path | None = None, *,
                        objective: str = "balanced-accuracy", target_fpr: float | None = None,
-                       device: str = "auto", reporter: Reporter | None = None):
-    """Choose both thresholds from labelled samples and rewrite the card atomically."""
+                       exclude_lookalikes: bool = True, device: str = "auto", reporter: Reporter | None = None):
+    """Choose both thresholds from labelled samples and rewrite the card atomically.
+
+    With anomalous samples (and `exclude_lookalikes`), the training codes that look like them are first
+    left out of the density (`aadetect.lookalikes`), and listed. Each calibration starts from the whole
+    trained density, so calibrating again with other samples undoes what the last one left out.
+    """
     from aadetect.atomic import check_writable, write_text_atomic
     from aadetect.calibration import Measurements, choose_thresholds
-    from aadetect.scoring import Detector
+    from aadetect.scoring import Detector, load_density
 
     reporter = reporter or Reporter()
     if objective not in OBJECTIVES:
@@ -336,16 +356,28 @@ def calibrate_detector(model_dir: str | Path, good: str | Path, anomalous: str |
     card = read_card(model_dir)
     check_writable(model_dir / CARD_FILE)  # rewritten at the end: find out before measuring
     detector = Detector.load(model_dir, device)
+    trained_density = detector.density = load_density(model_dir, card, without_lookalikes=False)
     good_refs, anomalous_refs = find_images(good), find_images(anomalous) if anomalous else None
-    good_set = measure_folder(detector, good, good_refs, reporter, "good")
-    anomalous_set = measure_folder(detector, anomalous, anomalous_refs, reporter, "anomalous") if anomalous else None
-    unreadable = good_set.errors + (anomalous_set.errors if anomalous_set else [])
-    if unreadable:  # a few samples set both thresholds: one silently missing would move them
-        raise UserError(f"{unreadable_summary(unreadable)}; the card is unchanged")
+
+    def measure_both() -> tuple[MeasuredSet, MeasuredSet | None]:
+        good_set = measure_folder(detector, good, good_refs, reporter, "good")
+        anomalous_set = measure_folder(detector, anomalous, anomalous_refs, reporter, "anomalous") if anomalous else None
+        unreadable = good_set.errors + (anomalous_set.errors if anomalous_set else [])
+        if unreadable:  # a few samples set both thresholds: one silently missing would move them
+            raise UserError(f"{unreadable_summary(unreadable)}; the card is unchanged")
+        return good_set, anomalous_set
+
+    good_set, anomalous_set = measure_both()
     model_fpr = card.training.settings.get("target_fpr", TrainConfig.target_fpr)  # the budget it was trained for
     if isinstance(model_fpr, bool) or not isinstance(model_fpr, (int, float)) or not 0 < model_fpr < 1:
         raise UserError(f"{model_dir / CARD_FILE}: training.settings.target_fpr must be a number between "
                         f"0 and 1 (exclusive), got {model_fpr!r}")
+    lookalikes = []
+    if anomalous_set and exclude_lookalikes:
+        lookalikes = find_training_lookalikes(detector, good_refs, anomalous_refs)
+        if lookalikes:
+            detector.density = trained_density.without(lookalikes)
+            good_set, anomalous_set = measure_both()
     if target_fpr is None and not anomalous_set:  # good samples alone: recorded as the budget they were set for
         target_fpr = model_fpr
     as_measurements = lambda s: Measurements(s.reconstruction_error, s.log_density) if s else None  # noqa: E731
@@ -353,14 +385,46 @@ def calibrate_detector(model_dir: str | Path, good: str | Path, anomalous: str |
                                objective=objective, target_fpr=target_fpr, default_fpr=model_fpr)
     for warning in result.warnings:
         reporter.warn(warning)
+    if lookalikes:
+        reporter.info(f"left {len(lookalikes)} of the {trained_density.n_codes} training images out of the density: "
+                      f"they look like the anomalous samples (listed in {model_dir / LOOKALIKES_FILE})")
+    write_names(model_dir / LOOKALIKES_FILE, density_image_names(model_dir, card, lookalikes), atomic=True)
     card.thresholds = result.thresholds
     card.calibration = Calibration(
         created=now(), objective=objective, target_fpr=target_fpr, good_count=len(good_set.names),
         anomalous_count=len(anomalous_set.names) if anomalous_set else 0, good_path=str(Path(good).resolve()),
         anomalous_path=str(Path(anomalous).resolve()) if anomalous else None, metrics=result.metrics,
-        warnings=result.warnings)
+        warnings=result.warnings, lookalike_codes=lookalikes, lookalikes_file=LOOKALIKES_FILE)
     write_text_atomic(model_dir / CARD_FILE, card.to_yaml())
     return card
+
+
+def find_training_lookalikes(detector: Detector, good_refs: list[ImageRef], anomalous_refs: list[ImageRef]
+                             ) -> list[int]:
+    """Which of the density's training codes the anomalous samples claim (codes computed as training
+    computed the density's)."""
+    from aadetect.devices import exact_math
+    from aadetect.lookalikes import find_lookalikes
+    from aadetect.train import encode_all
+
+    def codes(refs: list[ImageRef]):
+        pixels = load_images(refs, detector.image_size, detector.channels)[0]
+        with exact_math(detector.device):
+            return encode_all(detector.model, pixels, detector.device, "mse")[0].double().numpy()
+
+    return find_lookalikes(detector.density, codes(anomalous_refs), codes(good_refs)).tolist()
+
+
+def density_image_names(model_dir: Path, card: ModelCard, codes: list[int]) -> list[str]:
+    """The training images behind density codes, from the list `train` writes; "code N" for a model folder
+    without it (trained before it was written) or with a damaged one."""
+    try:
+        fitted = read_names(model_dir / DENSITY_IMAGES_FILE)
+    except (OSError, UnicodeError):
+        fitted = []
+    if len(fitted) != card.density.n_codes:
+        return [f"code {i}" for i in codes]
+    return [fitted[i] for i in codes]
 
 
 def evaluate_detector(model_dir: str | Path, good: str | Path, anomalous: str | Path, *,

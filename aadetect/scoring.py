@@ -286,7 +286,9 @@ def load_model(model_dir: Path, card: ModelCard, device: str):
     return model
 
 
-def load_density(model_dir: Path, card: ModelCard):
+def load_density(model_dir: Path, card: ModelCard, *, without_lookalikes: bool = True):
+    """The trained density, less the codes calibration found to look like the anomalous samples
+    (`without_lookalikes=False`: all of them, for calibrating afresh)."""
     from aadetect.density import KernelDensity
 
     path = _checked_file(model_dir, DENSITY_FILE, card)
@@ -298,4 +300,8 @@ def load_density(model_dir: Path, card: ModelCard):
         raise UserError(f"{path}: codes have {density.dim} dimensions, the card says {card.architecture.latent_dim}")
     if density.radius != card.density.radius:
         raise UserError(f"{path}: the density's code radius is {density.radius}, the card says {card.density.radius}")
+    if density.n_codes != card.density.n_codes:
+        raise UserError(f"{path}: holds {density.n_codes} codes, the card says {card.density.n_codes}")
+    if without_lookalikes and card.calibration and card.calibration.lookalike_codes:
+        density = density.without(card.calibration.lookalike_codes)
     return density
