@@ -94,7 +94,7 @@ def measure(split: Path, config: TrainConfig, out: Path) -> str:
     """Train one variant on one split and save every image's two numbers."""
     from aadetect.atomic import write_atomic
     from aadetect.images import find_images, load_images
-    from aadetect.pipeline import fit_detector, read_training_images
+    from aadetect.pipeline import find_training_lookalikes, fit_detector, read_training_images
     from aadetect.progress import Reporter
 
     started = time.perf_counter()
@@ -103,6 +103,11 @@ def measure(split: Path, config: TrainConfig, out: Path) -> str:
     train_seconds = time.perf_counter() - started
     numbers = {"validation_reconstruction_error": fitted.validation.reconstruction_error,
                "validation_log_density": fitted.validation.log_density}
+    # as `calibrate` does before it measures anything: leave out the training codes like the anomalous samples
+    lookalikes = find_training_lookalikes(fitted.detector, find_images(split / SETS["calibrate_good"]),
+                                          find_images(split / SETS["calibrate_anomalous"]))
+    if lookalikes:
+        fitted.detector.density = fitted.detector.density.without(lookalikes)
     for name, folder in SETS.items():
         if folder is not None:
             images = load_images(find_images(split / folder), size, channels)[0]
@@ -111,10 +116,12 @@ def measure(split: Path, config: TrainConfig, out: Path) -> str:
 
     def save(temp: Path) -> None:
         with open(temp, "wb") as handle:  # a file object: given a path, np.savez would add ".npz" to it
-            np.savez(handle, train_seconds=train_seconds, rejected=rejected, settings=repr(config), **numbers)
+            np.savez(handle, train_seconds=train_seconds, rejected=rejected, lookalikes=np.array(lookalikes, dtype=np.int64),
+                     settings=repr(config), **numbers)
 
     write_atomic(out, save)  # a run stopped half-way must not leave a file that the next run keeps
-    return f"{out.parent.name} {split.name}: trained in {train_seconds:.0f} s, {len(fitted.training.rejected)} rejected"
+    return (f"{out.parent.name} {split.name}: trained in {train_seconds:.0f} s, {len(fitted.training.rejected)} "
+            f"rejected, {len(lookalikes)} left out as like the anomalous samples")
 
 
 def load(results: Path, variants: str, split: str) -> dict | None:
