@@ -86,13 +86,13 @@ def find_lookalikes(density, anomalous_codes, good_codes) -> np.ndarray:
 
     codes_sums = (codes, log_kernel_sums(codes, codes), log_kernel_sums(codes, anomalous), True)
     good_sums = (good, log_kernel_sums(good, codes), log_kernel_sums(good, anomalous), False)
+    most = min(MAX_CLAIMED * n, n - codes.shape[1] - 1)  # the density needs more codes than dimensions
     claimed = torch.zeros(0, dtype=torch.long)
     if claimed_by(claimed, *good_sums).any():
         return claimed.numpy()
     for _ in range(MAX_ROUNDS):
         proposed = claimed_by(claimed, *codes_sums).nonzero().flatten()
-        if (torch.equal(proposed, claimed) or len(proposed) > MAX_CLAIMED * n
-                or claimed_by(proposed, *good_sums).any()):
+        if torch.equal(proposed, claimed) or len(proposed) > most or claimed_by(proposed, *good_sums).any():
             break
         claimed = proposed
     return claimed.numpy()

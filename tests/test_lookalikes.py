@@ -125,3 +125,13 @@ def test_a_card_with_impossible_lookalike_codes_is_refused(contaminated_model, d
     assert result.exit_code != 0
     assert "calibration.lookalike_codes must be distinct code numbers" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_clear_cluster_larger_than_a_tenth_is_not_claimed():
+    """More than a tenth of the codes like the anomalies: the anomalies are the good images' own kind."""
+    rng = np.random.default_rng(3)
+    codes = np.concatenate([rng.normal(0, 1, size=(30, 3)), rng.normal(5, 0.2, size=(4, 3))])
+    density = KernelDensity.fit(codes)
+    assert len(find_lookalikes(density, rng.normal(5, 0.2, size=(3, 3)), rng.normal(0, 1, size=(3, 3)))) == 0
+    fewer = KernelDensity.fit(codes[:33])  # 3 of 33 are within a tenth
+    assert find_lookalikes(fewer, rng.normal(5, 0.2, size=(3, 3)), rng.normal(0, 1, size=(3, 3))).tolist() == [30, 31, 32]
