@@ -28,11 +28,13 @@ MAX_ROUNDS = 50
 QUERY_BLOCK = 1024
 
 
-def find_lookalikes(density, anomalous_codes, good_codes) -> np.ndarray:
+def find_lookalikes(density, anomalous_codes, good_codes, *, on_codes=None) -> np.ndarray:
     """Indices (sorted) of the density's codes that the anomalous samples claim.
 
     `anomalous_codes` and `good_codes` are the labelled samples' encoder codes, computed as the
     density's training codes were, before the density's code radius (applied here, as to any query).
+    `on_codes(count)` is told as the kernel sums over all pairs of training codes, the slow part,
+    progress.
     """
     import torch
 
@@ -53,7 +55,8 @@ def find_lookalikes(density, anomalous_codes, good_codes) -> np.ndarray:
         return np.zeros(0, dtype=np.int64)
     log_kernel_peak = -0.5 * float(torch.logdet(2 * math.pi * covariance))
 
-    def log_kernel_sums(queries: torch.Tensor, centres: torch.Tensor, *, skip_self: bool = False) -> torch.Tensor:
+    def log_kernel_sums(queries: torch.Tensor, centres: torch.Tensor, *, skip_self: bool = False,
+                        on_block=None) -> torch.Tensor:
         """log of the sum, over the centres, of the kernel at each query (-inf for no centres)."""
         if len(centres) == 0:
             return torch.full((len(queries),), -math.inf, dtype=torch.float64)
@@ -65,6 +68,8 @@ def find_lookalikes(density, anomalous_codes, good_codes) -> np.ndarray:
             if skip_self:  # a claimed code is no evidence for itself
                 exponent[distances == 0] = -math.inf
             sums.append(torch.logsumexp(exponent, dim=1))
+            if on_block is not None:
+                on_block(len(exponent))
         return torch.cat(sums) + log_kernel_peak
 
     def claimed_by(claimed: torch.Tensor, queries: torch.Tensor, all_codes_sum: torch.Tensor,
@@ -84,7 +89,7 @@ def find_lookalikes(density, anomalous_codes, good_codes) -> np.ndarray:
         anomalous_side = torch.logaddexp(anomalous_sum, claimed_sum)
         return anomalous_side - anomalous_count.log() > good_side - good_count.clamp_min(1).log()
 
-    codes_sums = (codes, log_kernel_sums(codes, codes), log_kernel_sums(codes, anomalous), True)
+    codes_sums = (codes, log_kernel_sums(codes, codes, on_block=on_codes), log_kernel_sums(codes, anomalous), True)
     good_sums = (good, log_kernel_sums(good, codes), log_kernel_sums(good, anomalous), False)
     most = min(MAX_CLAIMED * n, n - codes.shape[1] - 1)  # the density needs more codes than dimensions
     claimed = torch.zeros(0, dtype=torch.long)

@@ -374,7 +374,7 @@ def calibrate_detector(model_dir: str | Path, good: str | Path, anomalous: str |
                         f"0 and 1 (exclusive), got {model_fpr!r}")
     lookalikes = []
     if anomalous_set and exclude_lookalikes:
-        lookalikes = find_training_lookalikes(detector, good_refs, anomalous_refs)
+        lookalikes = find_training_lookalikes(detector, good_refs, anomalous_refs, reporter)
         if lookalikes:
             detector.density = trained_density.without(lookalikes)
             good_set, anomalous_set = measure_both()
@@ -399,8 +399,8 @@ def calibrate_detector(model_dir: str | Path, good: str | Path, anomalous: str |
     return card
 
 
-def find_training_lookalikes(detector: Detector, good_refs: list[ImageRef], anomalous_refs: list[ImageRef]
-                             ) -> list[int]:
+def find_training_lookalikes(detector: Detector, good_refs: list[ImageRef], anomalous_refs: list[ImageRef],
+                             reporter: Reporter | None = None) -> list[int]:
     """Which of the density's training codes the anomalous samples claim (codes computed as training
     computed the density's)."""
     from aadetect.devices import exact_math
@@ -412,7 +412,9 @@ def find_training_lookalikes(detector: Detector, good_refs: list[ImageRef], anom
         with exact_math(detector.device):
             return encode_all(detector.model, pixels, detector.device, "mse")[0].double().numpy()
 
-    return find_lookalikes(detector.density, codes(anomalous_refs), codes(good_refs)).tolist()
+    anomalous_codes, good_codes = codes(anomalous_refs), codes(good_refs)
+    with (reporter or Reporter()).progress("looking for lookalikes", total=detector.density.n_codes) as advance:
+        return find_lookalikes(detector.density, anomalous_codes, good_codes, on_codes=advance).tolist()
 
 
 def density_image_names(model_dir: Path, card: ModelCard, codes: list[int]) -> list[str]:
