@@ -345,7 +345,7 @@ def calibrate_detector(model_dir: str | Path, good: str | Path, anomalous: str |
     """
     from aadetect.atomic import check_writable, write_text_atomic
     from aadetect.calibration import Measurements, choose_thresholds
-    from aadetect.scoring import Detector, load_density
+    from aadetect.scoring import Detector
 
     reporter = reporter or Reporter()
     if objective not in OBJECTIVES:
@@ -355,8 +355,8 @@ def calibrate_detector(model_dir: str | Path, good: str | Path, anomalous: str |
     model_dir = Path(model_dir)
     card = read_card(model_dir)
     check_writable(model_dir / CARD_FILE)  # rewritten at the end: find out before measuring
-    detector = Detector.load(model_dir, device)
-    trained_density = detector.density = load_density(model_dir, card, without_lookalikes=False)
+    detector = Detector.load(model_dir, device, without_lookalikes=False)
+    trained_density = detector.density
     good_refs, anomalous_refs = find_images(good), find_images(anomalous) if anomalous else None
 
     def measure_both() -> tuple[MeasuredSet, MeasuredSet | None]:

@@ -86,14 +86,15 @@ class Detector:
         self.channels = model.arch.channels
 
     @classmethod
-    def load(cls, model_dir: str | Path, device: str = "auto") -> Detector:
+    def load(cls, model_dir: str | Path, device: str = "auto", *, without_lookalikes: bool = True) -> Detector:
         from aadetect.devices import resolve_device
 
         model_dir = Path(model_dir)
         card = read_card(model_dir)
         device = resolve_device(device)
-        return cls(load_model(model_dir, card, device), load_density(model_dir, card), card.thresholds,
-                   card.error_measure, device, card.density.shift_radius)
+        density = load_density(model_dir, card, without_lookalikes=without_lookalikes)
+        return cls(load_model(model_dir, card, device), density, card.thresholds, card.error_measure, device,
+                   card.density.shift_radius)
 
     def measure(self, pixels) -> tuple[np.ndarray, np.ndarray]:
         """Reconstruction error and KDE log-density for uint8 images (N, C, S, S) (a tensor or numpy array)."""
