@@ -19,6 +19,10 @@ from aadetect.config import CODE_RADII, ERROR_MEASURES, MAX_SHIFT_RADIUS
 from aadetect.errors import UserError, first_line
 
 FORMAT_VERSION = 2  # 2: reconstruction scale in log units; centres of held-out good images
+# 3: a card whose density leaves out calibration.lookalike_codes; an aadetect that reads only 2 would
+# silently score with every code, so it must refuse the card instead
+LOOKALIKES_FORMAT_VERSION = 3
+READABLE_VERSIONS = (FORMAT_VERSION, LOOKALIKES_FORMAT_VERSION)
 CARD_FILE = "card.yaml"
 WEIGHTS_FILE = "weights.pt"
 DENSITY_FILE = "density.npz"
@@ -153,9 +157,9 @@ class ModelCard:
         if not isinstance(data, dict):
             raise UserError(f"{source}: not a model card (expected a mapping)")
         version = data.get("format_version")
-        if version != FORMAT_VERSION:
+        if version not in READABLE_VERSIONS:
             raise UserError(f"{source}: unknown card format_version {version!r} (this aadetect reads "
-                            f"{FORMAT_VERSION}; retrain the model with this version)")
+                            f"{' and '.join(map(str, READABLE_VERSIONS))}; retrain the model with this version)")
         card = _build(cls, data, source, "")
         card.check(source)
         return card

@@ -25,16 +25,16 @@ import numpy as np
 
 MAX_CLAIMED = 0.1  # of the training codes
 MAX_ROUNDS = 50
-QUERY_BLOCK = 1024
+BLOCK_ELEMENTS = 2**22  # query x centre kernel values per block (32 MiB of float64)
 
 
 def find_lookalikes(density, anomalous_codes, good_codes, *, on_codes=None) -> np.ndarray:
     """Indices (sorted) of the density's codes that the anomalous samples claim.
 
-    `anomalous_codes` and `good_codes` are the labelled samples' encoder codes, computed as the
-    density's training codes were, before the density's code radius (applied here, as to any query).
-    `on_codes(count)` is told as the kernel sums over all pairs of training codes, the slow part,
-    progress.
+    `anomalous_codes` and `good_codes` are the labelled samples' encoder codes for the unmoved images,
+    computed as the density's training codes were (which are unmoved too), before the density's code
+    radius (applied here, as to any query). `on_codes(count)` is told as the kernel sums over all pairs
+    of training codes, the slow part, progress.
     """
     import torch
 
@@ -54,50 +54,61 @@ def find_lookalikes(density, anomalous_codes, good_codes, *, on_codes=None) -> n
     if len(anomalous) == 0 or n < 3:
         return np.zeros(0, dtype=np.int64)
     log_kernel_peak = -0.5 * float(torch.logdet(2 * math.pi * covariance))
+    index = torch.arange(n)
 
-    def log_kernel_sums(queries: torch.Tensor, centres: torch.Tensor, *, skip_self: bool = False,
+    def log_kernel_sums(queries: torch.Tensor, centres: torch.Tensor, query_ids=None, centre_ids=None,
                         on_block=None) -> torch.Tensor:
-        """log of the sum, over the centres, of the kernel at each query (-inf for no centres)."""
+        """log of the sum, over the centres, of the kernel at each query (-inf for none); a code is no
+        evidence about itself, so with ids the pairs of a code with itself are left out."""
         if len(centres) == 0:
             return torch.full((len(queries),), -math.inf, dtype=torch.float64)
-        sums = []
-        for start in range(0, len(queries), QUERY_BLOCK):
-            distances = torch.cdist(queries[start:start + QUERY_BLOCK], centres,
-                                    compute_mode="donot_use_mm_for_euclid_dist")
-            exponent = -0.5 * distances.square()
-            if skip_self:  # a claimed code is no evidence for itself
-                exponent[distances == 0] = -math.inf
+        rows, sums = max(1, BLOCK_ELEMENTS // len(centres)), []
+        for start in range(0, len(queries), rows):
+            exponent = torch.cdist(queries[start:start + rows], centres,
+                                   compute_mode="donot_use_mm_for_euclid_dist").square_().mul_(-0.5)
+            if query_ids is not None:
+                exponent.masked_fill_(query_ids[start:start + rows, None] == centre_ids[None, :], -math.inf)
             sums.append(torch.logsumexp(exponent, dim=1))
             if on_block is not None:
                 on_block(len(exponent))
         return torch.cat(sums) + log_kernel_peak
 
-    def claimed_by(claimed: torch.Tensor, queries: torch.Tensor, all_codes_sum: torch.Tensor,
-                   anomalous_sum: torch.Tensor, queries_are_codes: bool) -> torch.Tensor:
-        """Whether the anomalous mixture (samples + claimed codes) beats the mixture of the other codes."""
-        claimed_sum = log_kernel_sums(queries, codes[claimed], skip_self=queries_are_codes)
-        is_claimed = torch.zeros(len(queries), dtype=torch.float64)
-        own = torch.full((len(queries),), -math.inf, dtype=torch.float64)
-        if queries_are_codes:
-            is_claimed[claimed] = 1.0
-            own.fill_(log_kernel_peak)
-        # the other codes: every code's kernel, less the query's own and the claimed ones'
-        rest = 1 - torch.exp(own - all_codes_sum) - torch.exp(claimed_sum - all_codes_sum)
-        good_side = all_codes_sum + rest.clamp_min(1e-12).log()
-        good_count = n - len(claimed) - (1 - is_claimed) * queries_are_codes
-        anomalous_count = len(anomalous) + len(claimed) - is_claimed
-        anomalous_side = torch.logaddexp(anomalous_sum, claimed_sum)
-        return anomalous_side - anomalous_count.log() > good_side - good_count.clamp_min(1).log()
+    def claimed_by(claimed: torch.Tensor, queries: torch.Tensor, query_ids, others_sum: torch.Tensor,
+                   anomalous_sum: torch.Tensor) -> torch.Tensor:
+        """Whether the anomalous mixture (samples + claimed codes) beats the mixture of the unclaimed codes.
 
-    codes_sums = (codes, log_kernel_sums(codes, codes, on_block=on_codes), log_kernel_sums(codes, anomalous), True)
-    good_sums = (good, log_kernel_sums(good, codes), log_kernel_sums(good, anomalous), False)
-    most = min(MAX_CLAIMED * n, n - codes.shape[1] - 1)  # the density needs more codes than dimensions
-    claimed = torch.zeros(0, dtype=torch.long)
-    if claimed_by(claimed, *good_sums).any():
-        return claimed.numpy()
-    for _ in range(MAX_ROUNDS):
-        proposed = claimed_by(claimed, *codes_sums).nonzero().flatten()
-        if torch.equal(proposed, claimed) or len(proposed) > most or claimed_by(proposed, *good_sums).any():
+        `others_sum`: every code's kernel but the query's own; the unclaimed ones' is that less the
+        claimed ones', summed directly where the difference would lose its digits.
+        """
+        claimed_ids = claimed.nonzero().flatten()
+        claimed_sum = log_kernel_sums(queries, codes[claimed_ids], query_ids, claimed_ids)
+        share = (claimed_sum - others_sum).clamp(max=0.0)
+        good_sum = others_sum + torch.log1p(-share.exp())
+        unsure = share > math.log(0.5)
+        if unsure.any():
+            unclaimed_ids = (~claimed).nonzero().flatten()
+            good_sum[unsure] = log_kernel_sums(queries[unsure], codes[unclaimed_ids],
+                                               None if query_ids is None else query_ids[unsure], unclaimed_ids)
+        own_claimed = claimed[query_ids].double() if query_ids is not None else torch.zeros(len(queries))
+        own_unclaimed = (1 - own_claimed) if query_ids is not None else torch.zeros(len(queries))
+        anomalous_count = len(anomalous) + len(claimed_ids) - own_claimed
+        good_count = (n - len(claimed_ids) - own_unclaimed).clamp_min(1)
+        return torch.logaddexp(anomalous_sum, claimed_sum) - anomalous_count.log() > good_sum - good_count.log()
+
+    on_codes_args = (codes, index, log_kernel_sums(codes, codes, index, index, on_block=on_codes),
+                     log_kernel_sums(codes, anomalous))
+    on_good_args = (good, None, log_kernel_sums(good, codes), log_kernel_sums(good, anomalous))
+    most = MAX_CLAIMED * n
+    claimed = torch.zeros(n, dtype=torch.bool)
+    if claimed_by(claimed, *on_good_args).any():
+        return np.zeros(0, dtype=np.int64)
+    for _ in range(MAX_ROUNDS):  # claims only grow, so this ends
+        proposed = claimed | claimed_by(claimed, *on_codes_args)
+        if torch.equal(proposed, claimed) or proposed.sum() > most or claimed_by(proposed, *on_good_args).any():
+            break
+        try:  # the codes left must still make a density: more of them than dimensions, none constant
+            density.without(proposed.nonzero().flatten().numpy())
+        except ValueError:
             break
         claimed = proposed
-    return claimed.numpy()
+    return claimed.nonzero().flatten().numpy()

@@ -15,7 +15,7 @@ import numpy as np
 
 from aadetect import __version__
 from aadetect.card import (CARD_FILE, DENSITY_FILE, DENSITY_IMAGES_FILE, FORMAT_VERSION, LOOKALIKES_FILE,
-                           REJECTED_FILE, VALIDATION_FILE, WEIGHTS_FILE,
+                           LOOKALIKES_FORMAT_VERSION, REJECTED_FILE, VALIDATION_FILE, WEIGHTS_FILE,
                            ArchitectureInfo, Calibration, DataInfo, DensityInfo, ModelCard, Preprocessing,
                            TrainingInfo, read_card)
 from aadetect.config import AUTO, OBJECTIVES, SCALED_MEASURES, Architecture, TrainConfig, check_fraction
@@ -385,17 +385,18 @@ def calibrate_detector(model_dir: str | Path, good: str | Path, anomalous: str |
                                objective=objective, target_fpr=target_fpr, default_fpr=model_fpr)
     for warning in result.warnings:
         reporter.warn(warning)
-    if lookalikes:
-        reporter.info(f"left {len(lookalikes)} of the {trained_density.n_codes} training images out of the density: "
-                      f"they look like the anomalous samples (listed in {model_dir / LOOKALIKES_FILE})")
-    write_names(model_dir / LOOKALIKES_FILE, density_image_names(model_dir, card, lookalikes), atomic=True)
+    card.format_version = LOOKALIKES_FORMAT_VERSION if lookalikes else FORMAT_VERSION
     card.thresholds = result.thresholds
     card.calibration = Calibration(
         created=now(), objective=objective, target_fpr=target_fpr, good_count=len(good_set.names),
         anomalous_count=len(anomalous_set.names) if anomalous_set else 0, good_path=str(Path(good).resolve()),
         anomalous_path=str(Path(anomalous).resolve()) if anomalous else None, metrics=result.metrics,
         warnings=result.warnings, lookalike_codes=lookalikes, lookalikes_file=LOOKALIKES_FILE)
-    write_text_atomic(model_dir / CARD_FILE, card.to_yaml())
+    write_text_atomic(model_dir / CARD_FILE, card.to_yaml())  # the card decides; the list only reports it
+    write_names(model_dir / LOOKALIKES_FILE, density_image_names(model_dir, card, lookalikes), atomic=True)
+    if lookalikes:
+        reporter.info(f"left {len(lookalikes)} of the {trained_density.n_codes} training images out of the density: "
+                      f"they look like the anomalous samples (listed in {model_dir / LOOKALIKES_FILE})")
     return card
 
 

@@ -17,7 +17,7 @@ from typing import Iterator
 
 import numpy as np
 
-from aadetect.card import DENSITY_FILE, WEIGHTS_FILE, ModelCard, Thresholds, read_card
+from aadetect.card import CARD_FILE, DENSITY_FILE, WEIGHTS_FILE, ModelCard, Thresholds, read_card
 from aadetect.config import SCALED_MEASURES
 from aadetect.errors import UserError, first_line
 from aadetect.images import ImageRef, ImagesOnDisk, iterate_batches, materialize
@@ -304,5 +304,9 @@ def load_density(model_dir: Path, card: ModelCard, *, without_lookalikes: bool =
     if density.n_codes != card.density.n_codes:
         raise UserError(f"{path}: holds {density.n_codes} codes, the card says {card.density.n_codes}")
     if without_lookalikes and card.calibration and card.calibration.lookalike_codes:
-        density = density.without(card.calibration.lookalike_codes)
+        try:
+            density = density.without(card.calibration.lookalike_codes)
+        except ValueError as exc:  # e.g. a hand-edited list that leaves a latent dimension constant
+            raise UserError(f"{model_dir / CARD_FILE}: calibration.lookalike_codes leave no usable density "
+                            f"({exc})") from None
     return density

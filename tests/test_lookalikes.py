@@ -84,6 +84,7 @@ def test_calibrate_lists_the_hidden_anomalies_and_score_matches_evaluate(contami
     card = read_card(model)
     listed = (model / "lookalikes.txt").read_text().splitlines()
     assert report["lookalikes"] == len(card.calibration.lookalike_codes) == len(listed) > 0
+    assert card.format_version == 3  # an aadetect that does not know to leave them out must refuse the card
     fitted = (model / "density_images.txt").read_text().splitlines()
     assert len(fitted) == card.density.n_codes
     assert [fitted[i] for i in card.calibration.lookalike_codes] == listed
@@ -99,6 +100,7 @@ def test_calibrate_lists_the_hidden_anomalies_and_score_matches_evaluate(contami
                   "--keep-lookalikes", "--format", "json")
     assert yaml.safe_load(kept.stdout)["lookalikes"] == 0
     assert read_card(model).calibration.lookalike_codes == []
+    assert read_card(model).format_version == 2
     assert (model / "lookalikes.txt").read_text() == ""
     assert Detector.load(model, "cpu").density.n_codes == card.density.n_codes
 
@@ -135,3 +137,25 @@ def test_a_clear_cluster_larger_than_a_tenth_is_not_claimed():
     assert len(find_lookalikes(density, rng.normal(5, 0.2, size=(3, 3)), rng.normal(0, 1, size=(3, 3)))) == 0
     fewer = KernelDensity.fit(codes[:33])  # 3 of 33 are within a tenth
     assert find_lookalikes(fewer, rng.normal(5, 0.2, size=(3, 3)), rng.normal(0, 1, size=(3, 3))).tolist() == [30, 31, 32]
+
+
+def test_an_isolated_hidden_anomaly_is_claimed():
+    """Its own kernel outweighs every other code's by far (as in 32 dimensions): the rest must still count."""
+    rng = np.random.default_rng(5)
+    hidden = np.full((1, 32), 8.0)
+    codes = np.concatenate([rng.normal(0, 1, size=(300, 32)), hidden])
+    density = KernelDensity.fit(codes)
+    # the anomalies are far from it too (kernel ~e^-50 of its peak), but the good codes far further (~e^-180)
+    anomalous = hidden + np.resize([1.5, -1.5], 32) + rng.normal(0, 0.05, size=(3, 32))
+    assert find_lookalikes(density, anomalous, rng.normal(0, 1, size=(5, 32))).tolist() == [300]
+
+
+def test_a_hidden_anomaly_present_twice_is_claimed_twice():
+    """Each copy is evidence for the other once claimed, not for the good side (nor is the pair claimed and
+    released by turns)."""
+    codes, _, rng = codes_with_hidden_cluster()
+    hidden = np.full((1, 3), 5.0)
+    density = KernelDensity.fit(np.concatenate([codes[:300], hidden, hidden]))
+    # one anomaly at a kernel of e^-5.3 from the pair: a bare majority against one copy among 301 codes
+    offset = np.linalg.cholesky(density.covariance) @ np.array([1.0, 0.0, 0.0]) * np.sqrt(10.6)
+    assert find_lookalikes(density, hidden + offset, rng.normal(0, 1, size=(5, 3))).tolist() == [300, 301]
