@@ -11,10 +11,10 @@ lists the codes left out).
 The rule is a Bayes decision between two kernel mixtures of equal weight, with the density's own
 kernel: the anomalous samples' kernels (and those of the codes already claimed) against the other
 training codes' kernels. A training code is claimed when the first gives it more density. This is
-repeated until nothing changes, so a cluster of hidden anomalies is taken up layer by layer from
-the labelled ones. A round that would claim one of the labelled good samples, or more than
-MAX_CLAIMED of the codes, is not taken: the anomalies then reach into the good images themselves.
-Benchmarks: benchmarks/RESULTS.md, session 16.
+repeated, the claims only growing, until nothing changes, so a cluster of hidden anomalies is taken
+up layer by layer from the labelled ones. A round that would claim one of the labelled good samples,
+or more than MAX_CLAIMED of the codes, is not taken: the anomalies then reach into the good images
+themselves. Benchmarks: benchmarks/RESULTS.md, session 16.
 """
 
 from __future__ import annotations
