@@ -355,29 +355,23 @@ def calibrate_detector(model_dir: str | Path, good: str | Path, anomalous: str |
     model_dir = Path(model_dir)
     card = read_card(model_dir)
     check_writable(model_dir / CARD_FILE)  # rewritten at the end: find out before measuring
-    detector = Detector.load(model_dir, device, without_lookalikes=False)
-    trained_density = detector.density
-    good_refs, anomalous_refs = find_images(good), find_images(anomalous) if anomalous else None
-
-    def measure_both() -> tuple[MeasuredSet, MeasuredSet | None]:
-        good_set = measure_folder(detector, good, good_refs, reporter, "good")
-        anomalous_set = measure_folder(detector, anomalous, anomalous_refs, reporter, "anomalous") if anomalous else None
-        unreadable = good_set.errors + (anomalous_set.errors if anomalous_set else [])
-        if unreadable:  # a few samples set both thresholds: one silently missing would move them
-            raise UserError(f"{unreadable_summary(unreadable)}; the card is unchanged")
-        return good_set, anomalous_set
-
-    good_set, anomalous_set = measure_both()
     model_fpr = card.training.settings.get("target_fpr", TrainConfig.target_fpr)  # the budget it was trained for
     if isinstance(model_fpr, bool) or not isinstance(model_fpr, (int, float)) or not 0 < model_fpr < 1:
         raise UserError(f"{model_dir / CARD_FILE}: training.settings.target_fpr must be a number between "
                         f"0 and 1 (exclusive), got {model_fpr!r}")
+    detector = Detector.load(model_dir, device, without_lookalikes=False)
+    trained_density = detector.density
+    good_refs, anomalous_refs = find_images(good), find_images(anomalous) if anomalous else None
     lookalikes = []
-    if anomalous_set and exclude_lookalikes:
+    if anomalous and exclude_lookalikes:  # first, so that the samples are measured once, as `score` will
         lookalikes = find_training_lookalikes(detector, good_refs, anomalous_refs, reporter)
         if lookalikes:
             detector.density = trained_density.without(lookalikes)
-            good_set, anomalous_set = measure_both()
+    good_set = measure_folder(detector, good, good_refs, reporter, "good")
+    anomalous_set = measure_folder(detector, anomalous, anomalous_refs, reporter, "anomalous") if anomalous else None
+    unreadable = good_set.errors + (anomalous_set.errors if anomalous_set else [])
+    if unreadable:  # a few samples set both thresholds: one silently missing would move them
+        raise UserError(f"{unreadable_summary(unreadable)}; the card is unchanged")
     if target_fpr is None and not anomalous_set:  # good samples alone: recorded as the budget they were set for
         target_fpr = model_fpr
     as_measurements = lambda s: Measurements(s.reconstruction_error, s.log_density) if s else None  # noqa: E731
@@ -409,7 +403,9 @@ def find_training_lookalikes(detector: Detector, good_refs: list[ImageRef], anom
     from aadetect.train import encode_all
 
     def codes(refs: list[ImageRef]):
-        pixels = load_images(refs, detector.image_size, detector.channels)[0]
+        pixels, _, unreadable = load_images(refs, detector.image_size, detector.channels)
+        if unreadable:  # a few samples decide what is left out: one silently missing would move it
+            raise UserError(f"{unreadable_summary(unreadable)}; the card is unchanged")
         with exact_math(detector.device):
             return encode_all(detector.model, pixels, detector.device, "mse")[0].double().numpy()
 
