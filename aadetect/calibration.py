@@ -1,4 +1,4 @@
-"""Choosing the two thresholds of the OR rule from a few labelled images."""
+"""Choosing the thresholds of the OR rule from a few labelled images (and the held-out good ones)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from aadetect.card import Thresholds
 from aadetect.config import TrainConfig
 from aadetect.errors import UserError
 from aadetect.metrics import confusion, decision_metrics
-from aadetect.scoring import decide
+from aadetect.scoring import Measurements, decide
 
 MAX_CANDIDATES = 256  # cuts tried; keeps the search small for large calibration sets
 FEW_SAMPLES = 10
@@ -21,17 +21,6 @@ LOG_CAP = 700.0  # exp() of more overflows a float64
 GRID = 256  # evenly spaced cut heights tried, besides the midpoints between samples
 MIN_BANDWIDTH = 0.25  # a sample's bump is at least a quarter of the good images' spread wide
 NEAR_BEST = 0.005  # expected objectives this close to the best count as ties (half a point of balanced accuracy)
-
-
-@dataclass
-class Measurements:
-    """What the detector measured on a set of images."""
-
-    reconstruction_error: np.ndarray
-    log_density: np.ndarray
-
-    def __len__(self) -> int:
-        return len(self.reconstruction_error)
 
 
 @dataclass
@@ -73,20 +62,53 @@ def heights(thresholds: Thresholds, error_cut, density_cut) -> tuple:
             (thresholds.density_centre - np.asarray(density_cut)) / thresholds.density_scale)
 
 
+def sample_heights(thresholds: Thresholds, samples: Measurements) -> tuple[np.ndarray, np.ndarray]:
+    """How far samples lie above the good centres, in scale units: by their error, and on the density's
+    side, by their density or (with thresholds for it) their log-odds of the anomalous kind, whichever
+    is higher; one cut on the density's side then tests both at the same rarity."""
+    error_height, density_height = heights(thresholds, np.maximum(samples.reconstruction_error, SMALLEST_ERROR),
+                                           samples.log_density)
+    if thresholds.anomaly_odds_centre is not None:
+        odds_height = (samples.anomaly_log_odds - thresholds.anomaly_odds_centre) / thresholds.anomaly_odds_scale
+        density_height = np.maximum(density_height, odds_height)
+    return error_height, density_height
+
+
 def at_height(thresholds: Thresholds, error_height: float, density_height: float, *, calibrated: bool,
               method: str) -> Thresholds:
-    """Thresholds set the given number of scale units above the centres."""
+    """Thresholds set the given number of scale units above the centres (the log-odds cut, where there is
+    one, as high above its centre as the density's lies below its own)."""
+    odds = {} if thresholds.anomaly_odds_centre is None else {
+        "anomaly_log_odds": thresholds.anomaly_odds_centre + density_height * thresholds.anomaly_odds_scale}
     return dataclasses.replace(
-        thresholds, calibrated=calibrated, method=method,
+        thresholds, calibrated=calibrated, method=method, **odds,
         reconstruction=thresholds.reconstruction_centre * math.exp(  # capped: past e^700 it never fires anyway
             min(max(error_height * thresholds.reconstruction_scale, -LOG_CAP), LOG_CAP)),
         density=thresholds.density_centre - density_height * thresholds.density_scale)
 
 
+def with_odds_scale(thresholds: Thresholds, reference: Measurements | None) -> Thresholds:
+    """Thresholds whose log-odds test is centred and scaled on good images' log-odds (`reference`), or
+    that have none (no anomalous samples to compare with)."""
+    if reference is None or reference.anomaly_log_odds is None:
+        return dataclasses.replace(thresholds, anomaly_log_odds=None, anomaly_odds_centre=None,
+                                   anomaly_odds_scale=None)
+    odds = reference.anomaly_log_odds
+    return dataclasses.replace(thresholds, anomaly_odds_centre=float(np.median(odds)),
+                               anomaly_odds_scale=robust_scale(odds))
+
+
+def joined(*parts: Measurements | None) -> Measurements:
+    parts = [part for part in parts if part is not None]
+    odds = [part.anomaly_log_odds for part in parts]
+    return Measurements(np.concatenate([part.reconstruction_error for part in parts]),
+                        np.concatenate([part.log_density for part in parts]),
+                        None if any(o is None for o in odds) else np.concatenate(odds))
+
+
 def height_for_fpr(thresholds: Thresholds, good: Measurements, target_fpr: float) -> float:
     """The common height of both cuts that flags at most `target_fpr` of the good images."""
-    error_height, density_height = heights(thresholds, np.maximum(good.reconstruction_error, SMALLEST_ERROR),
-                                           good.log_density)
+    error_height, density_height = sample_heights(thresholds, good)
     excess = np.sort(np.maximum(error_height, density_height))
     allowed = int(np.floor(target_fpr * len(excess) + 1e-9))
     kept = excess[len(excess) - allowed - 1]
@@ -142,8 +164,8 @@ def _flagged(cuts: np.ndarray, error_height: np.ndarray, density_height: np.ndar
 
 
 def choose_thresholds(thresholds: Thresholds, good: Measurements, anomalous: Measurements | None, *,
-                      objective: str = "balanced-accuracy", target_fpr: float | None = None,
-                      default_fpr: float = TrainConfig.target_fpr) -> CalibrationResult:
+                      held_out: Measurements | None = None, objective: str = "balanced-accuracy",
+                      target_fpr: float | None = None, default_fpr: float = TrainConfig.target_fpr) -> CalibrationResult:
     """Search both cuts jointly for the best expected objective on the samples.
 
     A few samples are a coarse picture: counted, one odd good image can drag a cut across a wide
@@ -156,23 +178,35 @@ def choose_thresholds(thresholds: Thresholds, good: Measurements, anomalous: Mea
     (benchmarks/RESULTS.md). A false-positive budget is kept on the samples as counted. With no
     anomalous samples, or anomalous samples that no pair of cuts tells from the good ones, both
     cuts sit at one height set by a false-positive budget (`target_fpr`, else `default_fpr`).
+
+    `held_out`: good images the model held out from training, measured as the samples were. With
+    anomalous samples they join the good side of the search: ten good samples say little about how
+    many good images a cut flags, hundreds of held-out ones say it well. Where the anomalous samples
+    carry log-odds of their kind, those are centred and scaled on the held-out images (else on the
+    good samples) and tested on the density's side of the rule (`sample_heights`). The reported
+    metrics are the labelled samples' own.
     """
     _check_finite(good, "good samples")
     if anomalous is not None:
         _check_finite(anomalous, "anomalous samples")
+    if held_out is not None:
+        _check_finite(held_out, "held-out good images")
     warnings = [f"only {n} {label} samples: thresholds are rough; 10 or more of each are advised"
                 for label, n in (("good", len(good)), ("anomalous", len(anomalous) if anomalous else 0))
                 if 0 < n < FEW_SAMPLES]
     budget = default_fpr if target_fpr is None else target_fpr
     if anomalous is None or len(anomalous) == 0:
+        thresholds = with_odds_scale(thresholds, None)
         calibrated = _good_only(thresholds, good, budget)
         return CalibrationResult(calibrated, _metrics_at(calibrated, good, None), warnings)
 
-    def as_heights(samples: Measurements) -> tuple[np.ndarray, np.ndarray]:
-        return heights(thresholds, np.maximum(samples.reconstruction_error, SMALLEST_ERROR), samples.log_density)
-
-    good_error, good_density = as_heights(good)
-    anomalous_error, anomalous_density = as_heights(anomalous)
+    if held_out is not None and (held_out.anomaly_log_odds is None) != (anomalous.anomaly_log_odds is None):
+        raise ValueError("held-out images and anomalous samples must both have log-odds, or neither")
+    reference = held_out if held_out is not None and len(held_out) else good
+    thresholds = with_odds_scale(thresholds, reference if anomalous.anomaly_log_odds is not None else None)
+    every_good = joined(good, held_out)
+    good_error, good_density = sample_heights(thresholds, every_good)
+    anomalous_error, anomalous_density = sample_heights(thresholds, anomalous)
     every_error, every_density = np.r_[good_error, anomalous_error], np.r_[good_density, anomalous_density]
     every_height = np.r_[every_error, every_density]
     cuts = np.unique(np.r_[_candidates(every_error), _candidates(every_density),
@@ -181,7 +215,7 @@ def choose_thresholds(thresholds: Thresholds, good: Measurements, anomalous: Mea
     def rates(smooth: bool) -> dict:
         false_positives = _flagged(cuts, good_error, good_density, smooth)
         true_positives = _flagged(cuts, anomalous_error, anomalous_density, smooth)
-        return decision_metrics(true_positives, false_positives, len(good) - false_positives,
+        return decision_metrics(true_positives, false_positives, len(every_good) - false_positives,
                                 len(anomalous) - true_positives)
 
     value = rates(smooth=True)["f1" if objective == "f1" else "balanced_accuracy"]
@@ -214,15 +248,19 @@ def _good_only(thresholds: Thresholds, good: Measurements, budget: float) -> Thr
 def _check_finite(samples: Measurements, label: str) -> None:
     """NaN or infinite measurements (a model whose training diverged) have no place on any cut."""
     broken = ~(np.isfinite(samples.reconstruction_error) & np.isfinite(samples.log_density))
+    if samples.anomaly_log_odds is not None:
+        broken |= ~np.isfinite(samples.anomaly_log_odds)
     if broken.any():
         raise UserError(f"{int(broken.sum())} of {len(samples)} {label} have a NaN or infinite reconstruction "
                         f"error or log-density: the model is broken (did its training diverge?)")
 
 
 def _metrics_at(thresholds: Thresholds, good: Measurements, anomalous: Measurements | None) -> dict[str, float]:
-    good_flags = decide(good.reconstruction_error, good.log_density, thresholds).anomaly
-    anomalous_flags = (decide(anomalous.reconstruction_error, anomalous.log_density, thresholds).anomaly
-                       if anomalous is not None else np.zeros(0, bool))
+    def flags(samples: Measurements) -> np.ndarray:
+        return decide(samples.reconstruction_error, samples.log_density, thresholds, samples.anomaly_log_odds).anomaly
+
+    good_flags = flags(good)
+    anomalous_flags = flags(anomalous) if anomalous is not None else np.zeros(0, bool)
     counts = confusion(good_flags, anomalous_flags)
     rates = decision_metrics(**counts)
     result = {name: float(v) for name, v in rates.items() if np.isfinite(v)}

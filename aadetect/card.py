@@ -22,7 +22,10 @@ FORMAT_VERSION = 2  # 2: reconstruction scale in log units; centres of held-out 
 # 3: a card whose density leaves out calibration.lookalike_codes; an aadetect that reads only 2 would
 # silently score with every code, so it must refuse the card instead
 LOOKALIKES_FORMAT_VERSION = 3
-READABLE_VERSIONS = (FORMAT_VERSION, LOOKALIKES_FORMAT_VERSION)
+# 4: thresholds that also compare images with the anomalous samples (calibration.anomalies_file); an
+# aadetect that reads only 2 and 3 would ignore that test
+ANOMALIES_FORMAT_VERSION = 4
+READABLE_VERSIONS = (FORMAT_VERSION, LOOKALIKES_FORMAT_VERSION, ANOMALIES_FORMAT_VERSION)
 CARD_FILE = "card.yaml"
 WEIGHTS_FILE = "weights.pt"
 DENSITY_FILE = "density.npz"
@@ -30,6 +33,9 @@ VALIDATION_FILE = "validation.txt"
 REJECTED_FILE = "rejected.txt"
 LOOKALIKES_FILE = "lookalikes.txt"
 DENSITY_IMAGES_FILE = "density_images.txt"  # the training images behind the density's codes, in order
+HELD_OUT_FILE = "held_out.npz"  # the held-out images' codes and errors, to measure them again at calibration
+ANOMALIES_PREFIX = "anomalies-"  # + a digest of the content + ".npy": a new calibration never overwrites the file
+#                                  the card in force names
 
 
 @dataclass
@@ -42,6 +48,7 @@ class DataInfo:
     validation_file: str
     rejected_count: int  # likely outliers left out by robust training
     rejected_file: str
+    held_out_file: str | None = None  # models trained before it have none
 
 
 @dataclass
@@ -86,11 +93,12 @@ class DensityInfo:
 
 @dataclass
 class Thresholds:
-    """The OR rule: anomalous when reconstruction_error > reconstruction or log_density < density.
+    """The OR rule: anomalous when reconstruction_error > reconstruction or log_density < density (or,
+    calibrated with anomalous samples, anomaly_log_odds > anomaly_log_odds).
 
     The centres (medians) and scales (robust spreads) of held-out good images, for the log
-    reconstruction error and for the log-density, put both excesses in one unit, so that
-    ``score`` is the larger normalised excess and is positive exactly when the rule fires.
+    reconstruction error, the log-density and the log-odds, put the excesses in one unit, so that
+    ``score`` is the largest normalised excess and is positive exactly when the rule fires.
     """
 
     reconstruction: float
@@ -101,6 +109,9 @@ class Thresholds:
     density_centre: float
     calibrated: bool
     method: str
+    anomaly_log_odds: float | None = None
+    anomaly_odds_scale: float | None = None
+    anomaly_odds_centre: float | None = None
 
 
 @dataclass
@@ -117,6 +128,8 @@ class Calibration:
     # training codes left out of the density: they look like the anomalous samples (aadetect.lookalikes)
     lookalike_codes: list[int] = field(default_factory=list)
     lookalikes_file: str | None = None
+    # the anomalous samples' codes: their kernel mixture, with the lookalikes', gives anomaly_log_odds
+    anomalies_file: str | None = None
 
 
 @dataclass
@@ -173,6 +186,19 @@ class ModelCard:
                 raise UserError(f"{source}: thresholds.{name} is not a finite number ({value})")
         if self.thresholds.reconstruction_scale <= 0 or self.thresholds.density_scale <= 0:
             raise UserError(f"{source}: threshold scales must be positive")
+        odds = (self.thresholds.anomaly_log_odds, self.thresholds.anomaly_odds_scale, self.thresholds.anomaly_odds_centre)
+        anomalies_file = self.calibration.anomalies_file if self.calibration else None
+        present = [value is not None for value in (*odds, anomalies_file)]
+        if any(present) and not all(present):
+            raise UserError(f"{source}: thresholds.anomaly_log_odds, anomaly_odds_scale, anomaly_odds_centre and "
+                            f"calibration.anomalies_file go together: all of them or none")
+        if anomalies_file is not None:
+            if not all(math.isfinite(value) for value in odds) or self.thresholds.anomaly_odds_scale <= 0:
+                raise UserError(f"{source}: the anomaly_log_odds threshold, scale and centre must be finite, "
+                                f"the scale positive")
+            if anomalies_file != Path(anomalies_file).name or not anomalies_file.startswith(ANOMALIES_PREFIX):
+                raise UserError(f"{source}: calibration.anomalies_file must be a file name starting with "
+                                f"{ANOMALIES_PREFIX!r}, got {anomalies_file!r:.60}")
         if self.thresholds.reconstruction <= 0 or self.thresholds.reconstruction_centre <= 0:
             raise UserError(f"{source}: thresholds.reconstruction and reconstruction_centre must be positive")
         if self.architecture.channels not in (1, 3):

@@ -34,7 +34,8 @@ app = typer.Typer(
 DEFAULT_MODEL = "aadetect-model"
 EXIT_ANOMALY, EXIT_USAGE, EXIT_BUG = 1, 2, 3
 EXIT_READER_LEFT = 128 + 13  # what a shell reports for a process ended by SIGPIPE
-SCORE_FIELDS = ("path", "reconstruction_error", "log_density", "score", "anomaly", "reason", "error")
+SCORE_FIELDS = ("path", "reconstruction_error", "log_density", "anomaly_log_odds", "score", "anomaly", "reason",
+                "error")
 
 
 class ScoreFormat(str, Enum):
@@ -207,34 +208,39 @@ def calibrate(
     objective: Annotated[Objective, typer.Option(help="What the joint threshold search maximises.")]
         = Objective(OBJECTIVES[0]),
     target_fpr: Annotated[Optional[float], typer.Option(
-        help="Flag at most this fraction of the good samples (with no --anomalous: the model's own training "
-             f"budget, {TrainConfig.target_fpr} by default).")] = None,
-    keep_lookalikes: Annotated[bool, typer.Option(
-        "--keep-lookalikes", help="Keep every training image in the density, even those that look like the "
-                                  "anomalous samples (by default they are left out and listed in lookalikes.txt).")]
-        = False,
+        help="Flag at most this fraction of the good samples, and of the images training held out (with no "
+             f"--anomalous: of the good samples, the model's own training budget, {TrainConfig.target_fpr} by "
+             "default).")] = None,
+    one_class: Annotated[bool, typer.Option(
+        "--one-class", help="Use the anomalous samples only to place the thresholds: keep every training image "
+                            "in the density and do not compare images with the samples.")] = False,
     format: Annotated[ReportFormat, typer.Option("--format", "-f", help="Output format.")] = ReportFormat.table,
     device: DeviceOption = "auto",
     quiet: QuietOption = False,
 ) -> None:
-    """Choose both thresholds from a few labelled samples and write them into the model card.
+    """Choose the thresholds from a few labelled samples and write them into the model card.
 
     Training images that look like the anomalous samples (hidden anomalies, or good images too close to
-    them) are left out of the density first, and listed in the model folder's lookalikes.txt.
+    them) are left out of the density first, and listed in the model folder's lookalikes.txt. With them,
+    the samples then make a model of their kind: an image is also flagged when it is far likelier to be
+    of that kind than good ("lookalike").
     """
     from aadetect.pipeline import calibrate_detector
 
     card = calibrate_detector(model, good, anomalous, objective=objective.value, target_fpr=target_fpr,
-                              exclude_lookalikes=not keep_lookalikes, device=device, reporter=reporter_for(quiet))
-    report = {"thresholds": {"reconstruction": card.thresholds.reconstruction, "density": card.thresholds.density},
+                              one_class=one_class, device=device, reporter=reporter_for(quiet))
+    report = {"thresholds": {"reconstruction": card.thresholds.reconstruction, "density": card.thresholds.density,
+                             "anomaly_log_odds": card.thresholds.anomaly_log_odds},
               "metrics": card.calibration.metrics, "good_count": card.calibration.good_count,
               "anomalous_count": card.calibration.anomalous_count,
               "lookalikes": len(card.calibration.lookalike_codes), "warnings": card.calibration.warnings}
     if format == ReportFormat.json:
         typer.echo(json.dumps(report))
     else:
+        odds = report["thresholds"]["anomaly_log_odds"]
         print_table("calibration", [("reconstruction threshold", report["thresholds"]["reconstruction"]),
                                     ("density threshold", report["thresholds"]["density"]),
+                                    *([("anomaly log-odds threshold", odds)] if odds is not None else []),
                                     *report["metrics"].items(), ("lookalikes left out", report["lookalikes"])])
 
 
@@ -371,13 +377,15 @@ def score_table(rows: list[dict]):
     from rich.table import Column, Table
     from rich.text import Text
 
-    table = Table(*(Column(name, overflow="fold") if name in ("path", "reason") else name
-                    for name in SCORE_FIELDS[:-1]))
+    with_odds = any(row.get("anomaly_log_odds") is not None for row in rows)  # models calibrated with anomalies
+    names = [name for name in SCORE_FIELDS[:-1] if with_odds or name != "anomaly_log_odds"]
+    table = Table(*(Column(name, overflow="fold") if name in ("path", "reason") else name for name in names))
     for row in rows:  # Text, not str: paths are data, never markup
         if row["error"]:
-            table.add_row(Text(row["path"]), "", "", "", "", Text(row["error"], style="red"))
+            table.add_row(Text(row["path"]), *[""] * (len(names) - 2), Text(row["error"], style="red"))
         else:
-            table.add_row(Text(row["path"]), f"{row['reconstruction_error']:.6g}", f"{row['log_density']:.6g}",
+            odds = [f"{row['anomaly_log_odds']:.4g}"] if with_odds else []
+            table.add_row(Text(row["path"]), f"{row['reconstruction_error']:.6g}", f"{row['log_density']:.6g}", *odds,
                           f"{row['score']:.4g}", "yes" if row["anomaly"] else "no", row["reason"])
     return table
 

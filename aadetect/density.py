@@ -143,6 +143,15 @@ def _checked_codes(codes: np.ndarray) -> np.ndarray:
     return codes
 
 
+def _checked_centres(codes: np.ndarray) -> np.ndarray:
+    """Kernel centres for a kernel fitted elsewhere: any number of them will do, all finite."""
+    if codes.ndim != 2 or len(codes) < 1 or codes.shape[1] < 1:
+        raise ValueError(f"centres must be a non-empty 2-D array (n_centres, dim), got shape {codes.shape}")
+    if not np.all(np.isfinite(codes)):
+        raise ValueError("centres contain NaN or infinite values")
+    return codes
+
+
 def _cholesky_lower(covariance: np.ndarray, n: int) -> np.ndarray:
     """Lower Cholesky factor with numpy (no scipy); ValueError when (numerically) singular."""
     d = covariance.shape[0]
@@ -198,8 +207,9 @@ class KernelDensity:
     """
 
     def __init__(self, codes: np.ndarray, covariance: np.ndarray, bandwidth: str, factor: float,
-                 radius: str = "linear"):
-        codes = _checked_codes(np.array(codes, dtype=np.float64, copy=True))
+                 radius: str = "linear", *, fitted: bool = True):
+        codes = np.array(codes, dtype=np.float64, copy=True)
+        codes = _checked_codes(codes) if fitted else _checked_centres(codes)
         covariance = np.array(covariance, dtype=np.float64, copy=True)
         n, d = codes.shape
         if covariance.shape != (d, d):
@@ -221,6 +231,7 @@ class KernelDensity:
             raise ValueError(f"radius must be one of {', '.join(CODE_RADII)}, got {radius!r}")
 
         self._codes = codes
+        self._fitted = fitted
         self._covariance = covariance
         self._bandwidth = bandwidth
         self._factor = factor
@@ -299,7 +310,13 @@ class KernelDensity:
         the density keeps the bandwidth its training codes chose)."""
         keep = np.ones(self.n_codes, dtype=bool)
         keep[np.asarray(indices, dtype=np.int64)] = False
-        return KernelDensity(self._codes[keep], self._covariance, self._bandwidth, self._factor, self._radius)
+        return KernelDensity(self._codes[keep], self._covariance, self._bandwidth, self._factor, self._radius,
+                             fitted=self._fitted)
+
+    def over(self, centres) -> "KernelDensity":
+        """The same kernel centred on other codes (already mapped by the radius), however few: the
+        labelled anomalies' mixture, which borrows the good images' kernel rather than fitting its own."""
+        return KernelDensity(centres, self._covariance, self._bandwidth, self._factor, self._radius, fitted=False)
 
     def __repr__(self) -> str:
         return (

@@ -8,6 +8,11 @@ training cannot see them when the model finds them ordinary; the labelled anomal
 `calibrate` leaves their codes out of the density (the trained files stay as they are; the card
 lists the codes left out).
 
+The same kernels then tell calibrated models more of that kind: the anomalous samples and the
+lookalikes make a kernel mixture (`anomaly_mixture`), and each image's log-odds of belonging to it
+rather than to the density (equal priors) is tested beside its density. A hidden anomaly or a fringe
+image is always near some good code, so its density alone says little; the odds compare it with both.
+
 The rule is a Bayes decision between two kernel mixtures of equal weight, with the density's own
 kernel: the anomalous samples' kernels (and those of the codes already claimed) against the other
 training codes' kernels. A training code is claimed when the first gives it more density. This is
@@ -112,3 +117,26 @@ def find_lookalikes(density, anomalous_codes, good_codes, *, on_codes=None) -> n
             break
         claimed = proposed
     return claimed.nonzero().flatten().numpy()
+
+
+def sample_centres(density, anomalous_codes) -> np.ndarray:
+    """The labelled samples' kernel centres: their unmoved codes, mapped by the density's code radius."""
+    import torch
+
+    from aadetect.density import map_radius
+
+    return map_radius(torch.from_numpy(np.array(anomalous_codes, dtype=np.float64)), density.radius).numpy()
+
+
+def anomaly_mixture(trained, centres, lookalikes):
+    """The anomalous kind's kernel mixture: the samples' centres first (so sample i is centre i), then
+    the lookalikes' codes, with the trained density's kernel."""
+    return trained.over(np.concatenate([centres, trained.codes[np.asarray(lookalikes, dtype=np.int64)]]))
+
+
+def left_out_log_odds(detector, view_codes) -> np.ndarray:
+    """Each labelled anomalous sample's log-odds with its own kernel left out of the mixture, as a new image
+    of its kind would meet it (with its own kernel, every sample looks certain, and the thresholds would
+    be set for anomalies more obvious than the next ones). `view_codes`: (views, n, d) of the n samples."""
+    return np.concatenate([detector.log_densities(view_codes[:, i:i + 1], detector.anomalies.without([i]))[1]
+                           for i in range(view_codes.shape[1])])

@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from aadetect import __version__
-from aadetect.card import (CARD_FILE, DENSITY_FILE, DENSITY_IMAGES_FILE, FORMAT_VERSION, LOOKALIKES_FILE,
+from aadetect.card import (ANOMALIES_FORMAT_VERSION, ANOMALIES_PREFIX, CARD_FILE, DENSITY_FILE,
+                           DENSITY_IMAGES_FILE, FORMAT_VERSION, HELD_OUT_FILE, LOOKALIKES_FILE,
                            LOOKALIKES_FORMAT_VERSION, REJECTED_FILE, VALIDATION_FILE, WEIGHTS_FILE,
                            ArchitectureInfo, Calibration, DataInfo, DensityInfo, ModelCard, Preprocessing,
                            TrainingInfo, read_card)
@@ -116,6 +117,7 @@ class FittedDetector:
     training: TrainResult
     validation: Measurements  # the default thresholds were set on these
     density_indices: np.ndarray  # the images whose codes the density holds, in its order
+    held_out_codes: np.ndarray  # the held-out images' codes in every view (views, n, d), as `encode_views` gives
 
 
 def fit_detector(pixels, config: TrainConfig, *, device: str | None = None, on_step=None, on_epoch=None,
@@ -131,7 +133,7 @@ def fit_detector(pixels, config: TrainConfig, *, device: str | None = None, on_s
     """
     import torch
 
-    from aadetect.calibration import Measurements, default_thresholds
+    from aadetect.calibration import default_thresholds
     from aadetect.density import KernelDensity
     from aadetect.devices import exact_math, flush_denormals, resolve_device
     from aadetect.model import residual_scale
@@ -181,9 +183,10 @@ def fit_detector(pixels, config: TrainConfig, *, device: str | None = None, on_s
         raise UserError(f"{data_label}: cannot fit the density ({exc})") from None
     detector = Detector(model, density, thresholds=None, error_measure=config.error, device=device,
                         shift_radius=config.shift_radius)
-    validation = Measurements(*detector.measure(pixels[torch.from_numpy(result.validation_indices)]))
+    held_out = pixels[torch.from_numpy(result.validation_indices)]
+    validation = detector.measure(held_out)
     detector.thresholds = default_thresholds(validation, config.target_fpr)
-    return FittedDetector(detector, result, validation, fit_indices)
+    return FittedDetector(detector, result, validation, fit_indices, detector.encode_views(held_out)[1])
 
 
 def train_detector(data: str | Path, config: TrainConfig, model_dir: str | Path, *,
@@ -238,11 +241,13 @@ def train_detector(data: str | Path, config: TrainConfig, model_dir: str | Path,
         write_names(staging / VALIDATION_FILE, [refs[i].name for i in result.validation_indices])
         write_names(staging / REJECTED_FILE, rejected)
         write_names(staging / DENSITY_IMAGES_FILE, [refs[i].name for i in fitted.density_indices])
+        np.savez(staging / HELD_OUT_FILE, view_codes=fitted.held_out_codes,
+                 reconstruction_error=fitted.validation.reconstruction_error)
         card = ModelCard(
             format_version=FORMAT_VERSION, aadetect_version=__version__, created=now(), error_measure=config.error,
             data=DataInfo(path=str(data.resolve()), image_count=len(refs), sha256=data_sha256, skipped=skipped,
                           validation_count=len(result.validation_indices), validation_file=VALIDATION_FILE,
-                          rejected_count=len(rejected), rejected_file=REJECTED_FILE),
+                          rejected_count=len(rejected), rejected_file=REJECTED_FILE, held_out_file=HELD_OUT_FILE),
             preprocessing=Preprocessing(image_size=size, channels=channels,
                                         resize="bilinear to a square (aspect ratio not kept), EXIF rotation applied",
                                         normalisation="pixel / 255, so inputs lie in [0, 1]"),
@@ -257,7 +262,7 @@ def train_detector(data: str | Path, config: TrainConfig, model_dir: str | Path,
                                 factor=density.factor, radius=density.radius, shift_radius=config.shift_radius,
                                 n_codes=density.n_codes, file=DENSITY_FILE),
             thresholds=fitted.detector.thresholds,
-            files={name: sha256_file(staging / name) for name in (WEIGHTS_FILE, DENSITY_FILE)},
+            files={name: sha256_file(staging / name) for name in (WEIGHTS_FILE, DENSITY_FILE, HELD_OUT_FILE)},
         )
         write_text_atomic(staging / CARD_FILE, card.to_yaml())
     checkpoint_file.unlink(missing_ok=True)
@@ -304,6 +309,7 @@ class MeasuredSet:
     names: list[str]
     reconstruction_error: np.ndarray
     log_density: np.ndarray
+    anomaly_log_odds: np.ndarray | None  # models calibrated with anomalous samples only
     score: np.ndarray
     anomaly: np.ndarray
     errors: list[str]
@@ -330,18 +336,21 @@ def measure_folder(detector, path: str | Path, refs: list[ImageRef], reporter: R
     if not rows:
         raise UserError(f"{path}: none of the {len(refs)} images could be read")
     column = lambda key, dtype=np.float64: np.array([row[key] for row in rows], dtype=dtype)  # noqa: E731
-    return MeasuredSet(names, column("reconstruction_error"), column("log_density"), column("score"),
+    odds = column("anomaly_log_odds") if rows[0]["anomaly_log_odds"] is not None else None
+    return MeasuredSet(names, column("reconstruction_error"), column("log_density"), odds, column("score"),
                        column("anomaly", bool), errors)
 
 
 def calibrate_detector(model_dir: str | Path, good: str | Path, anomalous: str | Path | None = None, *,
                        objective: str = "balanced-accuracy", target_fpr: float | None = None,
-                       exclude_lookalikes: bool = True, device: str = "auto", reporter: Reporter | None = None):
-    """Choose both thresholds from labelled samples and rewrite the card atomically.
+                       one_class: bool = False, device: str = "auto", reporter: Reporter | None = None):
+    """Choose the thresholds from labelled samples and rewrite the card atomically.
 
-    With anomalous samples (and `exclude_lookalikes`), the training codes that look like them are first
-    left out of the density (`aadetect.lookalikes`), and listed. Each calibration starts from the whole
-    trained density, so calibrating again with other samples undoes what the last one left out.
+    With anomalous samples (unless `one_class`), the training codes that look like them are first left
+    out of the density and join the samples' kernel mixture (`aadetect.lookalikes`); each image is then
+    also tested by its log-odds of being of their kind. The held-out images `train` kept join the good
+    side of the search. Each calibration starts from the model as trained, so calibrating again with
+    other samples undoes what the last one learnt.
     """
     from aadetect.atomic import check_writable, write_text_atomic
     from aadetect.calibration import Measurements, choose_thresholds
@@ -359,14 +368,12 @@ def calibrate_detector(model_dir: str | Path, good: str | Path, anomalous: str |
     if isinstance(model_fpr, bool) or not isinstance(model_fpr, (int, float)) or not 0 < model_fpr < 1:
         raise UserError(f"{model_dir / CARD_FILE}: training.settings.target_fpr must be a number between "
                         f"0 and 1 (exclusive), got {model_fpr!r}")
-    detector = Detector.load(model_dir, device, without_lookalikes=False)
+    detector = Detector.load(model_dir, device, as_trained=True)
     trained_density = detector.density
     good_refs, anomalous_refs = find_images(good), find_images(anomalous) if anomalous else None
-    lookalikes = []
-    if anomalous and exclude_lookalikes:  # first, so that the samples are measured once, as `score` will
-        lookalikes = find_training_lookalikes(detector, good_refs, anomalous_refs, reporter)
-        if lookalikes:
-            detector.density = trained_density.without(lookalikes)
+    lookalikes, centres, anomalous_views = [], None, None
+    if anomalous and not one_class:  # first, so that the samples are measured once, as `score` will
+        lookalikes, centres, anomalous_views = learn_anomalies(detector, good_refs, anomalous_refs, reporter)
     good_set = measure_folder(detector, good, good_refs, reporter, "good")
     anomalous_set = measure_folder(detector, anomalous, anomalous_refs, reporter, "anomalous") if anomalous else None
     unreadable = good_set.errors + (anomalous_set.errors if anomalous_set else [])
@@ -374,44 +381,104 @@ def calibrate_detector(model_dir: str | Path, good: str | Path, anomalous: str |
         raise UserError(f"{unreadable_summary(unreadable)}; the card is unchanged")
     if target_fpr is None and not anomalous_set:  # good samples alone: recorded as the budget they were set for
         target_fpr = model_fpr
-    as_measurements = lambda s: Measurements(s.reconstruction_error, s.log_density) if s else None  # noqa: E731
-    result = choose_thresholds(card.thresholds, as_measurements(good_set), as_measurements(anomalous_set),
+    as_measurements = lambda s: Measurements(s.reconstruction_error, s.log_density, s.anomaly_log_odds)  # noqa: E731
+    anomalous_measured = as_measurements(anomalous_set) if anomalous_set else None
+    if anomalous_views is not None:
+        from aadetect.lookalikes import left_out_log_odds
+
+        anomalous_measured.anomaly_log_odds = left_out_log_odds(detector, anomalous_views)
+    held_out = measure_held_out(model_dir, card, detector) if anomalous_set else None
+    result = choose_thresholds(card.thresholds, as_measurements(good_set), anomalous_measured, held_out=held_out,
                                objective=objective, target_fpr=target_fpr, default_fpr=model_fpr)
     for warning in result.warnings:
         reporter.warn(warning)
-    card.format_version = LOOKALIKES_FORMAT_VERSION if lookalikes else FORMAT_VERSION
+    anomalies_file = None
+    if centres is not None:  # named by its content, so the card in force never names a file being rewritten
+        anomalies_file = save_anomalies(model_dir, centres)
+    card.format_version = (ANOMALIES_FORMAT_VERSION if anomalies_file else
+                           LOOKALIKES_FORMAT_VERSION if lookalikes else FORMAT_VERSION)
     card.thresholds = result.thresholds
+    card.files = {name: digest for name, digest in card.files.items() if not name.startswith(ANOMALIES_PREFIX)}
+    if anomalies_file:
+        card.files[anomalies_file] = sha256_file(model_dir / anomalies_file)
     card.calibration = Calibration(
         created=now(), objective=objective, target_fpr=target_fpr, good_count=len(good_set.names),
         anomalous_count=len(anomalous_set.names) if anomalous_set else 0, good_path=str(Path(good).resolve()),
         anomalous_path=str(Path(anomalous).resolve()) if anomalous else None, metrics=result.metrics,
-        warnings=result.warnings, lookalike_codes=lookalikes, lookalikes_file=LOOKALIKES_FILE)
+        warnings=result.warnings, lookalike_codes=lookalikes, lookalikes_file=LOOKALIKES_FILE,
+        anomalies_file=anomalies_file)
     write_text_atomic(model_dir / CARD_FILE, card.to_yaml())  # the card decides; the list only reports it
     write_names(model_dir / LOOKALIKES_FILE, density_image_names(model_dir, card, lookalikes), atomic=True)
+    for stale in model_dir.glob(f"{ANOMALIES_PREFIX}*.npy"):  # earlier calibrations'
+        if stale.name != anomalies_file:
+            stale.unlink(missing_ok=True)
     if lookalikes:
         reporter.info(f"left {len(lookalikes)} of the {trained_density.n_codes} training images out of the density: "
                       f"they look like the anomalous samples (listed in {model_dir / LOOKALIKES_FILE})")
     return card
 
 
-def find_training_lookalikes(detector: Detector, good_refs: list[ImageRef], anomalous_refs: list[ImageRef],
-                             reporter: Reporter | None = None) -> list[int]:
-    """Which of the density's training codes the anomalous samples claim (codes computed as training
-    computed the density's)."""
+def learn_anomalies(detector: Detector, good_refs: list[ImageRef], anomalous_refs: list[ImageRef],
+                    reporter: Reporter | None = None):
+    """Leave the training codes that the anomalous samples claim out of the detector's density, and give it
+    their kernel mixture (with two samples or more: one left out of its own mixture leaves none).
+
+    Returns the claimed codes' indices, the samples' kernel centres (None without a mixture) and the
+    samples' codes in every view (views, n, d), for their left-out log-odds.
+    """
     from aadetect.devices import exact_math
-    from aadetect.lookalikes import find_lookalikes
+    from aadetect.lookalikes import anomaly_mixture, find_lookalikes, sample_centres
     from aadetect.train import encode_all
 
-    def codes(refs: list[ImageRef]):
+    def read(refs: list[ImageRef]):
         pixels, _, unreadable = load_images(refs, detector.image_size, detector.channels)
         if unreadable:  # a few samples decide what is left out: one silently missing would move it
             raise UserError(f"{unreadable_summary(unreadable)}; the card is unchanged")
+        return pixels
+
+    def codes(pixels):  # unmoved, as training computed the density's
         with exact_math(detector.device):
             return encode_all(detector.model, pixels, detector.device, "mse")[0].double().numpy()
 
-    anomalous_codes, good_codes = codes(anomalous_refs), codes(good_refs)
-    with (reporter or Reporter()).progress("looking for lookalikes", total=detector.density.n_codes) as advance:
-        return find_lookalikes(detector.density, anomalous_codes, good_codes, on_codes=advance).tolist()
+    anomalous_pixels = read(anomalous_refs)
+    anomalous_codes, good_codes = codes(anomalous_pixels), codes(read(good_refs))
+    trained = detector.density
+    with (reporter or Reporter()).progress("looking for lookalikes", total=trained.n_codes) as advance:
+        lookalikes = find_lookalikes(trained, anomalous_codes, good_codes, on_codes=advance).tolist()
+    if lookalikes:
+        detector.density = trained.without(lookalikes)
+    if len(anomalous_codes) < 2:
+        return lookalikes, None, None
+    centres = sample_centres(trained, anomalous_codes)
+    detector.anomalies = anomaly_mixture(trained, centres, lookalikes)
+    return lookalikes, centres, detector.encode_views(anomalous_pixels)[1]
+
+
+def measure_held_out(model_dir: Path, card: ModelCard, detector: Detector) -> Measurements | None:
+    """The held-out good images measured against the detector's (calibrated) density, from the codes
+    `train` saved; None for a model trained before it saved them."""
+    from aadetect.calibration import Measurements
+    from aadetect.scoring import load_held_out
+
+    saved = load_held_out(model_dir, card)
+    if saved is None or saved[0].size == 0:
+        return None
+    errors, view_codes = saved
+    return Measurements(errors, *detector.log_densities(view_codes))
+
+
+def save_anomalies(model_dir: Path, centres: np.ndarray) -> str:
+    """Write the samples' kernel centres under a name made from their content; returns the name."""
+    import io
+
+    from aadetect.atomic import write_atomic
+
+    buffer = io.BytesIO()
+    np.save(buffer, np.asarray(centres, dtype=np.float64))  # .npy: the same centres give the same bytes
+    content = buffer.getvalue()
+    name = f"{ANOMALIES_PREFIX}{hashlib.sha256(content).hexdigest()[:16]}.npy"
+    write_atomic(model_dir / name, lambda temp: temp.write_bytes(content))
+    return name
 
 
 def density_image_names(model_dir: Path, card: ModelCard, codes: list[int]) -> list[str]:
@@ -440,6 +507,8 @@ def evaluate_detector(model_dir: str | Path, good: str | Path, anomalous: str | 
     signals = {  # higher means more anomalous
         "reconstruction": (good_set.reconstruction_error, anomalous_set.reconstruction_error),
         "density": (-good_set.log_density, -anomalous_set.log_density),
+        **({"lookalike": (good_set.anomaly_log_odds, anomalous_set.anomaly_log_odds)}
+           if good_set.anomaly_log_odds is not None else {}),
         "combined": (good_set.score, anomalous_set.score),
     }
     counts = confusion(good_set.anomaly, anomalous_set.anomaly)

@@ -6,6 +6,7 @@ more anomalous), `predict` (the OR rule) and the thresholds it applies.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 import os
@@ -33,6 +34,20 @@ DECODE_BATCH = 128  # images decoded at a time while the pool measures the ones 
 
 
 @dataclass
+class Measurements:
+    """What the detector measured on a set of images. `anomaly_log_odds` (the log-odds that an image is
+    of the labelled anomalous kind rather than good, `aadetect.lookalikes`) only where the model was
+    calibrated with anomalous samples."""
+
+    reconstruction_error: np.ndarray
+    log_density: np.ndarray
+    anomaly_log_odds: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.reconstruction_error)
+
+
+@dataclass
 class Scores:
     """Per-image numbers for a set of images, as arrays of equal length."""
 
@@ -41,42 +56,63 @@ class Scores:
     score: np.ndarray
     anomaly: np.ndarray
     reason: np.ndarray
+    anomaly_log_odds: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.score)
 
     def row(self, i: int) -> dict:
+        odds = None if self.anomaly_log_odds is None else float(self.anomaly_log_odds[i])
         return {"reconstruction_error": float(self.reconstruction_error[i]), "log_density": float(self.log_density[i]),
-                "score": float(self.score[i]), "anomaly": bool(self.anomaly[i]), "reason": str(self.reason[i])}
+                "anomaly_log_odds": odds, "score": float(self.score[i]), "anomaly": bool(self.anomaly[i]),
+                "reason": str(self.reason[i])}
 
 
-def decide(reconstruction_error: np.ndarray, log_density: np.ndarray, thresholds: Thresholds) -> Scores:
+def decide(reconstruction_error: np.ndarray, log_density: np.ndarray, thresholds: Thresholds,
+           anomaly_log_odds: np.ndarray | None = None) -> Scores:
     """The OR rule. `score` is the larger threshold-normalised excess: positive exactly when the rule fires.
 
     The reconstruction excess is measured in log units (errors are right-skewed), the density's
-    in log-density units; each is divided by its robust spread on held-out good images.
+    in log-density units; each is divided by its robust spread on held-out good images. A model
+    calibrated with anomalous samples also flags images whose log-odds of being of their kind pass
+    its cut ("lookalike"); that cut sits as far above the held-out good images as the density's
+    lies below them, so it is a second test on the density's side of the rule, at the same rarity.
     """
     with np.errstate(divide="ignore"):  # a zero error is -inf below any threshold: never flagged by it
         log_ratio = np.log(reconstruction_error) - np.log(thresholds.reconstruction)
     reconstruction_excess = log_ratio / thresholds.reconstruction_scale
     density_excess = (thresholds.density - log_density) / thresholds.density_scale
-    score = np.maximum(reconstruction_excess, density_excess)
     too_different = reconstruction_excess > 0
     too_unlikely = density_excess > 0
-    reason = np.select([too_different & too_unlikely, too_different, too_unlikely],
-                       ["both", "reconstruction", "density"], "none")
-    return Scores(reconstruction_error, log_density, score, too_different | too_unlikely, reason)
+    looks_anomalous = np.zeros_like(too_unlikely)
+    if thresholds.anomaly_log_odds is not None:
+        if anomaly_log_odds is None:
+            raise ValueError("these thresholds compare images with anomalous samples: their anomaly_log_odds "
+                             "are needed")
+        odds_excess = (anomaly_log_odds - thresholds.anomaly_log_odds) / thresholds.anomaly_odds_scale
+        looks_anomalous = odds_excess > 0
+        density_excess = np.maximum(density_excess, odds_excess)
+    score = np.maximum(reconstruction_excess, density_excess)
+    reason = np.select([too_different & (too_unlikely | looks_anomalous), too_different, too_unlikely,
+                        looks_anomalous], ["both", "reconstruction", "density", "lookalike"], "none")
+    return Scores(reconstruction_error, log_density, score, too_different | too_unlikely | looks_anomalous, reason,
+                  anomaly_log_odds)
 
 
 class Detector:
-    """A trained autoencoder (its adversarial prior is optional) with its latent KDE and decision thresholds."""
+    """A trained autoencoder (its adversarial prior is optional) with its latent KDE and decision thresholds.
+
+    `anomalies`: the labelled anomalous samples' kernel mixture (`aadetect.lookalikes`), where the model
+    was calibrated with them; each image's log-odds of being of their kind is then measured too.
+    """
 
     def __init__(self, model, density, thresholds: Thresholds, error_measure: str, device: str = "cpu",
-                 shift_radius: int = 0):
+                 shift_radius: int = 0, anomalies=None):
         import torch
 
         self.model = model.to(device).eval()
         self.density = density
+        self.anomalies = anomalies
         self.thresholds = thresholds
         self.error_measure = error_measure
         self.device = device
@@ -86,23 +122,62 @@ class Detector:
         self.channels = model.arch.channels
 
     @classmethod
-    def load(cls, model_dir: str | Path, device: str = "auto", *, without_lookalikes: bool = True) -> Detector:
+    def load(cls, model_dir: str | Path, device: str = "auto", *, as_trained: bool = False) -> Detector:
+        """The model as calibrated; `as_trained`: its density whole and no anomalies, to calibrate afresh."""
         from aadetect.devices import resolve_device
 
         model_dir = Path(model_dir)
         card = read_card(model_dir)
         device = resolve_device(device)
-        density = load_density(model_dir, card, without_lookalikes=without_lookalikes)
-        return cls(load_model(model_dir, card, device), density, card.thresholds, card.error_measure, device,
-                   card.density.shift_radius)
+        trained = load_density(model_dir, card, without_lookalikes=False)
+        density = trained if as_trained else _without_lookalikes(model_dir, card, trained)
+        anomalies = None if as_trained else load_anomalies(model_dir, card, trained)
+        thresholds = card.thresholds
+        if as_trained:  # nothing to measure the odds with
+            thresholds = dataclasses.replace(thresholds, anomaly_log_odds=None, anomaly_odds_scale=None,
+                                             anomaly_odds_centre=None)
+        return cls(load_model(model_dir, card, device), density, thresholds, card.error_measure, device,
+                   card.density.shift_radius, anomalies)
 
-    def measure(self, pixels) -> tuple[np.ndarray, np.ndarray]:
-        """Reconstruction error and KDE log-density for uint8 images (N, C, S, S) (a tensor or numpy array)."""
+    def measure(self, pixels) -> Measurements:
+        """Reconstruction error and KDE log-density (and log-odds, with anomalies) for uint8 images
+        (N, C, S, S) (a tensor or numpy array)."""
         pixels = self._checked_pixels(pixels)
         size = self.batch_size
         with piece_pool(self.device) as (pool, _):
             return _joined(list(pool.map(lambda start: self._measure_batch(pixels[start:start + size]),
                                          range(0, len(pixels), size))))
+
+    def encode_views(self, pixels) -> tuple[np.ndarray, np.ndarray]:
+        """Reconstruction errors (N,) and the codes of every view the density scores (views, N, d),
+        float32 as the encoder gives them: what `log_densities` needs to measure the images again
+        against another density (held-out images at calibration, a sample left out of its own mixture)."""
+        pixels = self._checked_pixels(pixels)
+        size, parts = self.batch_size, []
+        for start in range(0, len(pixels), size):
+            errors, codes = self._encode_batch(pixels[start:start + size])
+            parts.append((errors, codes.cpu().numpy()))
+        if not parts:
+            return np.empty(0), np.empty((2 * self.shift_radius + 1) ** 2, 0, self.model.arch.latent_dim)
+        return np.concatenate([errors for errors, _ in parts]), np.concatenate([codes for _, codes in parts], axis=1)
+
+    def log_densities(self, view_codes, anomalies=None) -> tuple[np.ndarray, np.ndarray | None]:
+        """Log-density (mean density over the views) and, with `anomalies` (default: the detector's),
+        the log-odds of the anomalous kind, for codes (views, N, d) as `encode_views` gives them."""
+        import torch
+
+        anomalies = self.anomalies if anomalies is None else anomalies
+        view_codes = torch.as_tensor(view_codes)
+        views, count = view_codes.shape[:2]
+
+        def view_mean(kde) -> torch.Tensor:
+            log_density = torch.from_numpy(kde.log_density(view_codes.reshape(views * count, -1).double(),
+                                                           device=self.device))
+            return log_density.view(views, count).logsumexp(0) - math.log(views)
+
+        log_density = view_mean(self.density)
+        odds = None if anomalies is None else (view_mean(anomalies) - log_density).numpy()
+        return log_density.numpy(), odds
 
     def _checked_pixels(self, pixels):
         """Images as the model takes them, or a plain error: float pixels in [0, 1] would otherwise be
@@ -129,12 +204,13 @@ class Detector:
             raise UserError(f"images must be {wanted}; got shape {tuple(pixels.shape)}")
         return pixels
 
-    def _measure_batch(self, pixels) -> tuple[np.ndarray, np.ndarray]:
-        """One forward pass, on exactly `batch_size` images (the last batch padded with black ones).
+    def _encode_batch(self, pixels, *, padded: bool = False):
+        """One forward pass, on exactly `batch_size` images (the last batch padded with black ones):
+        the errors (count,) and the codes of every view (views, count, d), or of the padded batch.
 
-        With a shift radius, the log-density is that of the mean KDE density over the image's
-        small translations (`shifted_views`), so a good image drawn a pixel off-centre is not held
-        against it; the reconstruction error is the unmoved image's.
+        With a shift radius, the density is scored over the image's small translations
+        (`shifted_views`), so a good image drawn a pixel off-centre is not held against it; the
+        reconstruction error is the unmoved image's.
         """
         import torch
 
@@ -150,13 +226,24 @@ class Detector:
             codes = self.model.encoder(shifted_views(images, self.shift_radius))  # the unmoved images first
             reconstruction = self.model.decoder(codes[:size])
             errors = reconstruction_error(reconstruction, images, self.error_measure, self.model.error_scale)
-            log_density = torch.from_numpy(self.density.log_density(codes.double(), device=self.device))
-            views = len(codes) // size
-            log_density = log_density.view(views, size).logsumexp(0) - math.log(views)
-            return errors[:count].double().cpu().numpy(), log_density[:count].numpy()
+            codes = codes.view(len(codes) // size, size, -1)
+            return errors[:count].double().cpu().numpy(), codes if padded else codes[:, :count]
+
+    def _measure_batch(self, pixels) -> Measurements:
+        """`_encode_batch`, then the densities over the whole padded batch, so that an image gets the same
+        numbers alone or in a folder."""
+        import torch
+
+        from aadetect.devices import exact_math
+
+        errors, codes = self._encode_batch(pixels, padded=True)
+        with torch.inference_mode(), exact_math(self.device):
+            log_density, odds = self.log_densities(codes)
+        count = len(errors)
+        return Measurements(errors, log_density[:count], None if odds is None else odds[:count])
 
     def score(self, pixels) -> Scores:
-        return decide(*self.measure(pixels), self.thresholds)
+        return _decided(self.measure(pixels), self.thresholds)
 
     def decision_function(self, pixels) -> np.ndarray:
         return self.score(pixels).score
@@ -194,7 +281,7 @@ class Detector:
     def _rows(self, refs: list[ImageRef], batch, futures: list) -> Iterator[tuple[ImageRef, dict | None, str | None]]:
         rows: dict[int, tuple[dict | None, str | None]] = {i: (None, message) for i, message in batch.errors}
         if futures:
-            scores = decide(*_joined([future.result() for future in futures]), self.thresholds)
+            scores = _decided(_joined([future.result() for future in futures]), self.thresholds)
             rows.update((index, (scores.row(k), None)) for k, index in enumerate(batch.indices))
         for index in sorted(rows):
             yield refs[index], *rows[index]
@@ -213,10 +300,17 @@ def _checked_refs(refs) -> list[ImageRef]:
     raise UserError(f"score_images takes ImageRefs, as find_images(path) returns; got {got}")
 
 
-def _joined(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+def _joined(parts: list[Measurements]) -> Measurements:
     if not parts:
-        return np.empty(0), np.empty(0)
-    return np.concatenate([errors for errors, _ in parts]), np.concatenate([densities for _, densities in parts])
+        return Measurements(np.empty(0), np.empty(0))
+    odds = [part.anomaly_log_odds for part in parts]
+    return Measurements(np.concatenate([part.reconstruction_error for part in parts]),
+                        np.concatenate([part.log_density for part in parts]),
+                        None if odds[0] is None else np.concatenate(odds))
+
+
+def _decided(measured: Measurements, thresholds: Thresholds) -> Scores:
+    return decide(measured.reconstruction_error, measured.log_density, thresholds, measured.anomaly_log_odds)
 
 
 def decoding_workers(count: int, batch_size: int, on_gpu: bool) -> int:
@@ -303,10 +397,54 @@ def load_density(model_dir: Path, card: ModelCard, *, without_lookalikes: bool =
         raise UserError(f"{path}: the density's code radius is {density.radius}, the card says {card.density.radius}")
     if density.n_codes != card.density.n_codes:
         raise UserError(f"{path}: holds {density.n_codes} codes, the card says {card.density.n_codes}")
-    if without_lookalikes and card.calibration and card.calibration.lookalike_codes:
-        try:
-            density = density.without(card.calibration.lookalike_codes)
-        except ValueError as exc:  # e.g. a hand-edited list that leaves a latent dimension constant
-            raise UserError(f"{model_dir / CARD_FILE}: calibration.lookalike_codes leave no usable density "
-                            f"({exc})") from None
-    return density
+    return _without_lookalikes(model_dir, card, density) if without_lookalikes else density
+
+
+def _without_lookalikes(model_dir: Path, card: ModelCard, trained):
+    if not (card.calibration and card.calibration.lookalike_codes):
+        return trained
+    try:
+        return trained.without(card.calibration.lookalike_codes)
+    except ValueError as exc:  # e.g. a hand-edited list that leaves a latent dimension constant
+        raise UserError(f"{model_dir / CARD_FILE}: calibration.lookalike_codes leave no usable density "
+                        f"({exc})") from None
+
+
+def load_anomalies(model_dir: Path, card: ModelCard, trained):
+    """The labelled anomalous samples' kernel mixture that calibration saved, with the training codes it
+    found to look like them (`trained`: the density as trained), or None."""
+    name = card.calibration.anomalies_file if card.calibration else None
+    if name is None:
+        return None
+    path = _checked_file(model_dir, name, card)
+    try:
+        centres = np.asarray(np.load(path, allow_pickle=False), dtype=np.float64)
+    except Exception as exc:  # numpy raises many types for damaged files
+        raise UserError(f"{path}: cannot read the anomalous samples' codes ({first_line(exc, 160)})") from None
+    if centres.ndim != 2 or centres.shape[1] != trained.dim or not len(centres) or not np.isfinite(centres).all():
+        raise UserError(f"{path}: the anomalous samples' codes must be finite, shaped (n, {trained.dim}); "
+                        f"got {centres.shape}")
+    from aadetect.lookalikes import anomaly_mixture
+
+    return anomaly_mixture(trained, centres, card.calibration.lookalike_codes)
+
+
+def load_held_out(model_dir: Path, card: ModelCard) -> tuple[np.ndarray, np.ndarray] | None:
+    """The held-out images' reconstruction errors (n,) and codes in every view (views, n, d), as `train`
+    saved them; None for a model trained before they were saved."""
+    name = card.data.held_out_file
+    if name is None:
+        return None
+    path = _checked_file(model_dir, name, card)
+    try:
+        with np.load(path, allow_pickle=False) as saved:
+            errors, view_codes = np.asarray(saved["reconstruction_error"]), np.asarray(saved["view_codes"])
+    except Exception as exc:  # numpy raises many types for damaged files
+        raise UserError(f"{path}: cannot read the held-out images' codes ({first_line(exc, 160)})") from None
+    views = (2 * card.density.shift_radius + 1) ** 2
+    expected = (views, card.data.validation_count, card.architecture.latent_dim)
+    if view_codes.shape != expected or errors.shape != expected[1:2] or not (
+            np.isfinite(view_codes).all() and np.isfinite(errors).all()):
+        raise UserError(f"{path}: expected finite codes shaped {expected} and as many errors; got "
+                        f"{view_codes.shape} and {errors.shape}")
+    return errors.astype(np.float64), view_codes

@@ -91,10 +91,11 @@ def write_demo_split(root: Path, seed: int) -> Path:
 
 
 def measure(split: Path, config: TrainConfig, out: Path) -> str:
-    """Train one variant on one split and save every image's two numbers."""
+    """Train one variant on one split and save every image's numbers, as `calibrate` and `evaluate` see them."""
     from aadetect.atomic import write_atomic
     from aadetect.images import find_images, load_images
-    from aadetect.pipeline import find_training_lookalikes, fit_detector, read_training_images
+    from aadetect.lookalikes import left_out_log_odds
+    from aadetect.pipeline import fit_detector, learn_anomalies, read_training_images
     from aadetect.progress import Reporter
 
     started = time.perf_counter()
@@ -103,15 +104,22 @@ def measure(split: Path, config: TrainConfig, out: Path) -> str:
     train_seconds = time.perf_counter() - started
     numbers = {"validation_reconstruction_error": fitted.validation.reconstruction_error,
                "validation_log_density": fitted.validation.log_density}
-    # as `calibrate` does before it measures anything: leave out the training codes like the anomalous samples
-    lookalikes = find_training_lookalikes(fitted.detector, find_images(split / SETS["calibrate_good"]),
-                                          find_images(split / SETS["calibrate_anomalous"]))
-    if lookalikes:
-        fitted.detector.density = fitted.detector.density.without(lookalikes)
+    # as `calibrate` does before it measures anything: learn the anomalous samples' kind
+    detector = fitted.detector
+    lookalikes, _, anomalous_views = learn_anomalies(detector, find_images(split / SETS["calibrate_good"]),
+                                                     find_images(split / SETS["calibrate_anomalous"]))
     for name, folder in SETS.items():
         if folder is not None:
-            images = load_images(find_images(split / folder), size, channels)[0]
-            numbers[f"{name}_reconstruction_error"], numbers[f"{name}_log_density"] = fitted.detector.measure(images)
+            measured = detector.measure(load_images(find_images(split / folder), size, channels)[0])
+            numbers[f"{name}_reconstruction_error"], numbers[f"{name}_log_density"] = (measured.reconstruction_error,
+                                                                                      measured.log_density)
+            if measured.anomaly_log_odds is not None:
+                numbers[f"{name}_anomaly_log_odds"] = measured.anomaly_log_odds
+    if anomalous_views is not None:
+        numbers["calibrate_anomalous_anomaly_log_odds"] = left_out_log_odds(detector, anomalous_views)
+    numbers["held_out_log_density"], held_out_odds = detector.log_densities(fitted.held_out_codes)
+    if held_out_odds is not None:
+        numbers["held_out_anomaly_log_odds"] = held_out_odds
     rejected = np.array([refs[i].name for i in fitted.training.rejected])
 
     def save(temp: Path) -> None:
@@ -130,14 +138,25 @@ def load(results: Path, variants: str, split: str) -> dict | None:
     if not all(part.is_file() for part in parts):
         return None
     saved = [np.load(part) for part in parts]
+
+    def mean(key: str):
+        return np.mean([s[key] for s in saved], 0) if all(key in s for s in saved) else None
+
     numbers = {name: Measurements(np.exp(np.mean([np.log(s[f"{name}_reconstruction_error"]) for s in saved], 0)),
-                                  np.mean([s[f"{name}_log_density"] for s in saved], 0)) for name in SETS}
+                                  mean(f"{name}_log_density"), mean(f"{name}_anomaly_log_odds")) for name in SETS}
+    held_out = mean("held_out_log_density")  # the held-out images against the calibrated density
+    numbers["held_out"] = None if held_out is None else Measurements(numbers["validation"].reconstruction_error,
+                                                                     held_out, mean("held_out_anomaly_log_odds"))
     return {**numbers, "train_seconds": sum(float(s["train_seconds"]) for s in saved)}
+
+
+def decided(measured: Measurements, thresholds):
+    return decide(measured.reconstruction_error, measured.log_density, thresholds, measured.anomaly_log_odds)
 
 
 def scores_with_only_reconstruction_above_its_cut(measured: Measurements, thresholds) -> np.ndarray:
     """The OR rule's decisions, ranked by the density except where the reconstruction rule fires."""
-    scores = decide(measured.reconstruction_error, measured.log_density, thresholds)
+    scores = decided(measured, thresholds)
     density_excess = (thresholds.density - measured.log_density) / thresholds.density_scale
     return np.where(np.isin(scores.reason, ("reconstruction", "both")), scores.score, density_excess)
 
@@ -150,9 +169,9 @@ def evaluate(numbers: dict) -> dict[str, float]:
 
     good, anomalous = numbers["test_good"], numbers["test_anomalous"]
     defaults = default_thresholds(numbers["validation"], TrainConfig.target_fpr)
-    thresholds = choose_thresholds(defaults, numbers["calibrate_good"], numbers["calibrate_anomalous"]).thresholds
-    good_scores = decide(good.reconstruction_error, good.log_density, thresholds)
-    anomalous_scores = decide(anomalous.reconstruction_error, anomalous.log_density, thresholds)
+    thresholds = choose_thresholds(defaults, numbers["calibrate_good"], numbers["calibrate_anomalous"],
+                                   held_out=numbers["held_out"]).thresholds
+    good_scores, anomalous_scores = decided(good, thresholds), decided(anomalous, thresholds)
     validation = numbers["validation"]
     log_error = np.log(validation.reconstruction_error)
 
@@ -164,8 +183,7 @@ def evaluate(numbers: dict) -> dict[str, float]:
     calibrate_good, calibrate_anomalous = numbers["calibrate_good"], numbers["calibrate_anomalous"]
     density_ranks_samples_better = (
         auroc(-calibrate_good.log_density, -calibrate_anomalous.log_density)
-        > auroc(decide(calibrate_good.reconstruction_error, calibrate_good.log_density, thresholds).score,
-                decide(calibrate_anomalous.reconstruction_error, calibrate_anomalous.log_density, thresholds).score))
+        > auroc(decided(calibrate_good, thresholds).score, decided(calibrate_anomalous, thresholds).score))
     combined, density = (auroc(good_scores.score, anomalous_scores.score),
                          auroc(-good.log_density, -anomalous.log_density))
     return {

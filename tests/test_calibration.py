@@ -166,3 +166,43 @@ def test_nan_or_infinite_measurements_are_refused_in_one_line(broken):
         choose_thresholds(UNIT, good, anomalous)
     with pytest.raises(UserError, match="1 of 10 held-out good images have a NaN or infinite"):
         default_thresholds(good, 0.05)
+
+
+def test_anomalies_that_only_their_odds_tell_apart_are_flagged_by_them():
+    """Same errors and densities as the good images; their log-odds of the labelled kind differ. The odds
+    test is centred and scaled on the held-out images, and the cut that separates the samples flags them."""
+    rng = np.random.default_rng(4)
+
+    def measured(count, odds_mean):
+        return Measurements(np.exp(rng.normal(0, 1, count)), rng.normal(0, 1, count), rng.normal(odds_mean, 1, count))
+
+    good, anomalous, held_out = measured(10, -10.0), measured(10, 0.0), measured(300, -10.0)
+    centred = centred_thresholds(held_out, "test")
+    result = choose_thresholds(centred, good, anomalous, held_out=held_out)
+    thresholds = result.thresholds
+    assert thresholds.anomaly_odds_centre == pytest.approx(np.median(held_out.anomaly_log_odds))
+    assert -10.0 < thresholds.anomaly_log_odds < 0.0
+    assert result.metrics["balanced_accuracy"] == 1.0
+    flags = decide(anomalous.reconstruction_error, anomalous.log_density, thresholds, anomalous.anomaly_log_odds)
+    assert set(flags.reason) == {"lookalike"}
+    # without the odds, nothing tells them apart
+    plain = lambda m: Measurements(m.reconstruction_error, m.log_density)  # noqa: E731
+    assert choose_thresholds(centred, plain(good), plain(anomalous), held_out=plain(held_out)).thresholds.anomaly_log_odds is None
+
+
+def test_held_out_images_count_on_the_good_side():
+    """Ten good samples all below a cut that would flag a fifth of the good images: the held-out images
+    show it, and the cut moves up."""
+    rng = np.random.default_rng(6)
+    held_out = Measurements(np.exp(rng.normal(0, 1, 400)), rng.normal(0, 1, 400))
+    centred = centred_thresholds(held_out, "test")
+    good = Measurements(np.exp(rng.normal(-0.5, 0.2, 10)), rng.normal(0.5, 0.2, 10))  # the tamest good images
+    anomalous = Measurements(np.exp(rng.normal(1.5, 0.5, 10)), rng.normal(-1.5, 0.5, 10))
+    alone = choose_thresholds(centred, good, anomalous).thresholds
+    with_held_out = choose_thresholds(centred, good, anomalous, held_out=held_out).thresholds
+
+    def flagged(thresholds):
+        return decide(held_out.reconstruction_error, held_out.log_density, thresholds).anomaly.mean()
+
+    assert flagged(alone) > 0.2
+    assert flagged(with_held_out) < flagged(alone) / 2

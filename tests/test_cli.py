@@ -71,7 +71,8 @@ def test_score_formats_and_exit_codes(model_dir, dataset):
     result = invoke("score", "--model", model_dir, "--format", "jsonl", *good)
     rows = jsonl(result.stdout)
     assert [row["path"] for row in rows] == [str(p) for p in good]
-    assert set(rows[0]) == {"path", "reconstruction_error", "log_density", "score", "anomaly", "reason", "error"}
+    assert set(rows[0]) == {"path", "reconstruction_error", "log_density", "anomaly_log_odds", "score", "anomaly", "reason",
+                            "error"}
     for row in rows:
         assert row["anomaly"] == (row["score"] > 0)
         assert row["reason"] in {"none", "reconstruction", "density", "both"}
@@ -376,11 +377,12 @@ def test_scores_do_not_depend_on_the_thread_count(tmp_path):
             assert torch.get_num_threads() == threads  # given back as it was
     finally:
         torch.set_num_threads(before)
-    (errors, densities), rows = runs[0]
+    measured, rows = runs[0]
+    errors, densities = measured.reconstruction_error, measured.log_density
     assert [row["reconstruction_error"] for row in rows] == errors.tolist()
     assert [row["log_density"] for row in rows] == densities.tolist()
-    for (other_errors, other_densities), other_rows in runs[1:]:
-        assert other_errors.tobytes() == errors.tobytes() and other_densities.tobytes() == densities.tobytes()
+    for other, other_rows in runs[1:]:
+        assert other.reconstruction_error.tobytes() == errors.tobytes() and other.log_density.tobytes() == densities.tobytes()
         assert other_rows == rows
 
 
@@ -409,7 +411,8 @@ def test_streaming_over_several_decode_batches_keeps_order_and_numbers(tmp_path)
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
-        errors, densities = detector.measure(pixels)
+        measured = detector.measure(pixels)
+        errors, densities = measured.reconstruction_error, measured.log_density
         streamed = list(detector.score_images(refs))
     finally:
         torch.set_num_threads(before)
@@ -466,7 +469,7 @@ def test_demo_runs_the_whole_job(tmp_path):
     assert result.exit_code == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["n_good"] == 200 and report["n_anomalous"] == 200
-    assert set(report["auroc"]) == {"reconstruction", "density", "combined"}
+    assert set(report["auroc"]) == {"reconstruction", "density", "lookalike", "combined"}  # calibrated with anomalies
     card = ModelCard.from_yaml((tmp_path / "demo" / "model" / "card.yaml").read_text())
     assert card.thresholds.calibrated and card.data.image_count == 60
     assert str(tmp_path / "demo" / "model") in result.stderr
@@ -585,7 +588,7 @@ def test_the_density_is_averaged_over_the_image_moved_by_a_pixel(model_dir, data
     detector = Detector.load(model_dir, "cpu")
     assert detector.shift_radius == 1
     pixels = materialize(load_images(find_images(dataset["anomalous"]), detector.image_size, detector.channels)[0])
-    _, log_density = detector.measure(pixels)
+    log_density = detector.measure(pixels).log_density
     padded = np.pad(pixels.numpy() / 255.0, ((0, 0), (0, 0), (1, 1), (1, 1)), mode="edge")
     size = detector.image_size
     per_view = []

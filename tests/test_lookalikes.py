@@ -1,4 +1,5 @@
-"""Calibration leaves out of the density the training images that look like the anomalous samples."""
+"""Calibration leaves out of the density the training images that look like the anomalous samples, and
+compares every image with the samples' kind."""
 
 import shutil
 
@@ -8,10 +9,10 @@ import torch
 import yaml
 from conftest import TRAIN_ARGS, blob_images, invoke, jsonl, write_pngs
 
-from aadetect.card import read_card
+from aadetect.card import Thresholds, read_card
 from aadetect.density import KernelDensity
-from aadetect.lookalikes import MAX_CLAIMED, find_lookalikes
-from aadetect.scoring import Detector
+from aadetect.lookalikes import MAX_CLAIMED, find_lookalikes, left_out_log_odds
+from aadetect.scoring import Detector, decide
 
 
 def codes_with_hidden_cluster(seed: int = 0):
@@ -84,7 +85,7 @@ def test_calibrate_lists_the_hidden_anomalies_and_score_matches_evaluate(contami
     card = read_card(model)
     listed = (model / "lookalikes.txt").read_text().splitlines()
     assert report["lookalikes"] == len(card.calibration.lookalike_codes) == len(listed) > 0
-    assert card.format_version == 3  # an aadetect that does not know to leave them out must refuse the card
+    assert card.format_version == 4  # an aadetect that does not know the samples' kind must refuse the card
     fitted = (model / "density_images.txt").read_text().splitlines()
     assert len(fitted) == card.density.n_codes
     assert [fitted[i] for i in card.calibration.lookalike_codes] == listed
@@ -94,15 +95,26 @@ def test_calibrate_lists_the_hidden_anomalies_and_score_matches_evaluate(contami
 
     rows = jsonl(invoke("score", anomalous, "--model", model, "--format", "jsonl").stdout)
     pixels = torch.from_numpy(dark_blobs(12, seed=5))[:, None]
-    assert [row["log_density"] for row in rows] == Detector.load(model, "cpu").measure(pixels)[1].tolist()
+    measured = Detector.load(model, "cpu").measure(pixels)
+    assert [row["log_density"] for row in rows] == measured.log_density.tolist()
+    assert [row["anomaly_log_odds"] for row in rows] == measured.anomaly_log_odds.tolist()
+    (anomalies,) = model.glob("anomalies-*.npy")
+    assert card.calibration.anomalies_file == anomalies.name and anomalies.name in card.files
+    assert report["thresholds"]["anomaly_log_odds"] == card.thresholds.anomaly_log_odds
 
-    kept = invoke("calibrate", "--model", model, "--good", dataset["good"], "--anomalous", anomalous,
-                  "--keep-lookalikes", "--format", "json")
-    assert yaml.safe_load(kept.stdout)["lookalikes"] == 0
-    assert read_card(model).calibration.lookalike_codes == []
-    assert read_card(model).format_version == 2
+    one_class = invoke("calibrate", "--model", model, "--good", dataset["good"], "--anomalous", anomalous,
+                       "--one-class", "--format", "json")
+    assert yaml.safe_load(one_class.stdout)["lookalikes"] == 0
+    card = read_card(model)
+    assert card.calibration.lookalike_codes == [] and card.calibration.anomalies_file is None
+    assert card.thresholds.anomaly_log_odds is None and not any(name.startswith("anomalies-") for name in card.files)
+    assert card.format_version == 2
     assert (model / "lookalikes.txt").read_text() == ""
-    assert Detector.load(model, "cpu").density.n_codes == card.density.n_codes
+    assert not list(model.glob("anomalies-*.npy"))  # the earlier calibration's file is gone with it
+    detector = Detector.load(model, "cpu")
+    assert detector.density.n_codes == card.density.n_codes and detector.anomalies is None
+    assert {row["anomaly_log_odds"] for row in jsonl(invoke("score", anomalous, "--model", model,
+                                                            "--format", "jsonl").stdout)} == {None}
 
 
 def test_a_model_folder_without_its_image_list_names_codes_by_number(contaminated_model, dataset, tmp_path):
@@ -159,3 +171,119 @@ def test_a_hidden_anomaly_present_twice_is_claimed_twice():
     # one anomaly at a kernel of e^-5.3 from the pair: a bare majority against one copy among 301 codes
     offset = np.linalg.cholesky(density.covariance) @ np.array([1.0, 0.0, 0.0]) * np.sqrt(10.6)
     assert find_lookalikes(density, hidden + offset, rng.normal(0, 1, size=(5, 3))).tolist() == [300, 301]
+
+
+def test_evaluate_ranks_new_anomalies_of_the_samples_kind_by_their_odds(contaminated_model, dataset, tmp_path):
+    model, _, anomalous = contaminated_model
+    fresh = write_pngs(tmp_path / "fresh", dark_blobs(40, seed=9))
+    assert invoke("calibrate", "--model", model, "--good", dataset["good"], "--anomalous", anomalous).exit_code == 0
+    report = yaml.safe_load(invoke("evaluate", "--model", model, "--good", dataset["good"], "--anomalous", fresh,
+                                   "--format", "json").stdout)
+    assert report["auroc"]["lookalike"] > 0.9
+    rows = jsonl(invoke("score", fresh, "--model", model, "--format", "jsonl").stdout)
+    assert all(np.isfinite(row["anomaly_log_odds"]) and row["anomaly"] == (row["score"] > 0) for row in rows)
+
+
+def test_calibrating_twice_with_the_same_samples_gives_the_same_card(contaminated_model, dataset, tmp_path):
+    model, _, anomalous = contaminated_model
+    copy = tmp_path / "copy"
+    shutil.copytree(model, copy)
+    args = ("--good", dataset["good"], "--anomalous", anomalous)
+    assert invoke("calibrate", "--model", copy, *args).exit_code == 0
+    first = read_card(copy)
+    assert invoke("calibrate", "--model", copy, *args).exit_code == 0
+    again = read_card(copy)
+    assert (first.thresholds, first.files, first.calibration.anomalies_file) == (
+        again.thresholds, again.files, again.calibration.anomalies_file)
+    assert len(list(copy.glob("anomalies-*.npy"))) == 1
+
+
+def test_a_damaged_anomalies_file_or_held_out_file_is_a_one_line_error(contaminated_model, dataset, tmp_path):
+    model, _, anomalous = contaminated_model
+    damaged = tmp_path / "damaged"
+    shutil.copytree(model, damaged)
+    assert invoke("calibrate", "--model", damaged, "--good", dataset["good"], "--anomalous", anomalous).exit_code == 0
+    (anomalies,) = damaged.glob("anomalies-*.npy")
+    anomalies.write_bytes(anomalies.read_bytes()[:-8])
+    result = invoke("score", anomalous, "--model", damaged)
+    assert result.exit_code != 0 and "Traceback" not in result.stderr
+    assert f"{anomalies}: does not match the card's checksum" in result.stderr
+    (damaged / "held_out.npz").write_bytes(b"not a zip file")
+    result = invoke("calibrate", "--model", damaged, "--good", dataset["good"], "--anomalous", anomalous)
+    assert result.exit_code != 0 and "Traceback" not in result.stderr
+    assert "held_out.npz: does not match the card's checksum" in result.stderr
+
+
+def test_a_model_trained_before_the_held_out_codes_calibrates_on_its_good_samples(contaminated_model, dataset,
+                                                                                  tmp_path):
+    model, _, anomalous = contaminated_model
+    old = tmp_path / "old"
+    shutil.copytree(model, old)
+    card = yaml.safe_load((old / "card.yaml").read_text())
+    del card["data"]["held_out_file"], card["files"]["held_out.npz"]
+    (old / "card.yaml").write_text(yaml.safe_dump(card))
+    (old / "held_out.npz").unlink()
+    assert invoke("calibrate", "--model", old, "--good", dataset["good"], "--anomalous", anomalous).exit_code == 0
+    good_rows = jsonl(invoke("score", dataset["good"], "--model", old, "--format", "jsonl").stdout)
+    odds = np.array([row["anomaly_log_odds"] for row in good_rows])
+    # centred and scaled on the good samples themselves, where there are no held-out images
+    assert read_card(old).thresholds.anomaly_odds_centre == pytest.approx(np.median(odds))
+
+
+def test_a_card_whose_odds_threshold_has_no_anomalies_file_is_refused(contaminated_model, dataset, tmp_path):
+    model, _, anomalous = contaminated_model
+    damaged = tmp_path / "damaged"
+    shutil.copytree(model, damaged)
+    assert invoke("calibrate", "--model", damaged, "--good", dataset["good"], "--anomalous", anomalous).exit_code == 0
+    card = yaml.safe_load((damaged / "card.yaml").read_text())
+    for edit, message in ((lambda c: c["calibration"].update(anomalies_file=None), "go together"),
+                          (lambda c: c["calibration"].update(anomalies_file="../anomalies-x.npy"), "a file name")):
+        edited = yaml.safe_load(yaml.safe_dump(card))
+        edit(edited)
+        (damaged / "card.yaml").write_text(yaml.safe_dump(edited))
+        result = invoke("score", anomalous, "--model", damaged)
+        assert result.exit_code != 0 and message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_each_sample_is_measured_without_its_own_kernel():
+    """The left-out log-odds are those of a mixture without the sample's own kernel, computed directly."""
+    from scipy.special import logsumexp
+
+    from aadetect.config import Architecture
+    from aadetect.model import AdversarialAutoencoder
+
+    rng = np.random.default_rng(2)
+    density = KernelDensity.fit(rng.normal(0, 1, size=(200, 4)))
+    # fewer than the dimensions (the mixture borrows the kernel), and exactly the samples' own codes below
+    centres = rng.normal(3, 0.5, size=(3, 4)).astype(np.float32).astype(np.float64)
+    torch.manual_seed(0)
+    detector = Detector(AdversarialAutoencoder(Architecture.for_images(8, 1, 4)), density, None, "mse", "cpu",
+                        anomalies=density.over(centres))
+    view_codes = centres[None].astype(np.float32)  # one view of the three samples
+
+    def log_mean_kernel(queries, points):
+        whitened = np.linalg.solve(np.linalg.cholesky(density.covariance), (queries[:, None] - points[None]).reshape(
+            -1, 4).T).T.reshape(len(queries), len(points), 4)
+        log_peak = -0.5 * np.linalg.slogdet(2 * np.pi * density.covariance)[1]
+        return logsumexp(-0.5 * (whitened ** 2).sum(-1), axis=1) - np.log(len(points)) + log_peak
+
+    queries = view_codes[0].astype(np.float64)
+    expected = [log_mean_kernel(queries[i:i + 1], np.delete(centres, i, 0))[0]
+                - log_mean_kernel(queries[i:i + 1], density.codes)[0] for i in range(3)]
+    np.testing.assert_allclose(left_out_log_odds(detector, view_codes), expected, rtol=1e-9)
+    with_own = detector.log_densities(view_codes)[1]
+    assert (with_own > left_out_log_odds(detector, view_codes)).all()
+
+
+def test_the_odds_test_sits_on_the_density_side_at_the_same_height():
+    thresholds = Thresholds(reconstruction=2.0, density=-3.0, reconstruction_scale=1.0, density_scale=1.0,
+                            reconstruction_centre=1.0, density_centre=0.0, calibrated=True, method="test",
+                            anomaly_log_odds=1.0, anomaly_odds_scale=2.0, anomaly_odds_centre=-5.0)
+    errors, log_density = np.array([1.0, 1.0, 1.0, 5.0]), np.array([0.0, -4.0, 0.0, 0.0])
+    odds = np.array([0.0, 0.0, 3.0, 3.0])
+    scores = decide(errors, log_density, thresholds, odds)
+    assert scores.reason.tolist() == ["none", "density", "lookalike", "both"]
+    assert scores.anomaly.tolist() == [False, True, True, True]
+    assert scores.score[2] == pytest.approx((3.0 - 1.0) / 2.0)  # the odds' excess in its own scale
+    with pytest.raises(ValueError, match="anomaly_log_odds"):
+        decide(errors, log_density, thresholds)

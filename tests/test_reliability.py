@@ -112,11 +112,15 @@ def test_model_files_get_the_usual_permissions(dataset, model_dir, tmp_path):
         assert invoke("train", dataset["train"], "--out", out, *TRAIN_ARGS).exit_code == 0
         assert out.stat().st_mode & 0o777 == 0o755
         assert {path.name: path.stat().st_mode & 0o777 for path in out.iterdir()} == dict.fromkeys(
-            ("card.yaml", "weights.pt", "density.npz", "validation.txt", "rejected.txt", "density_images.txt"), 0o644)
+            ("card.yaml", "weights.pt", "density.npz", "validation.txt", "rejected.txt", "density_images.txt",
+             "held_out.npz"), 0o644)
         (out / "card.yaml").chmod(0o664)
-        assert invoke("calibrate", "--model", out, "--good", dataset["good"], "--quiet").exit_code == 0
+        assert invoke("calibrate", "--model", out, "--good", dataset["good"], "--anomalous", dataset["anomalous"],
+                      "--quiet").exit_code == 0
         assert (out / "card.yaml").stat().st_mode & 0o777 == 0o664  # a rewritten card keeps its mode
-        assert (out / "lookalikes.txt").stat().st_mode & 0o777 == 0o644
+        (anomalies,) = out.glob("anomalies-*.npy")
+        for written in ("lookalikes.txt", anomalies.name):
+            assert (out / written).stat().st_mode & 0o777 == 0o644
     finally:
         os.umask(previous)
 
