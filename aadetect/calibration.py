@@ -12,7 +12,7 @@ from aadetect.card import Thresholds
 from aadetect.config import TrainConfig
 from aadetect.errors import UserError
 from aadetect.metrics import confusion, decision_metrics
-from aadetect.scoring import Measurements, decide
+from aadetect.scoring import Measurements, decided, joined
 
 MAX_CANDIDATES = 256  # cuts tried; keeps the search small for large calibration sets
 FEW_SAMPLES = 10
@@ -96,14 +96,6 @@ def with_odds_scale(thresholds: Thresholds, reference: Measurements | None) -> T
     odds = reference.anomaly_log_odds
     return dataclasses.replace(thresholds, anomaly_odds_centre=float(np.median(odds)),
                                anomaly_odds_scale=robust_scale(odds))
-
-
-def joined(*parts: Measurements | None) -> Measurements:
-    parts = [part for part in parts if part is not None]
-    odds = [part.anomaly_log_odds for part in parts]
-    return Measurements(np.concatenate([part.reconstruction_error for part in parts]),
-                        np.concatenate([part.log_density for part in parts]),
-                        None if any(o is None for o in odds) else np.concatenate(odds))
 
 
 def height_for_fpr(thresholds: Thresholds, good: Measurements, target_fpr: float) -> float:
@@ -204,7 +196,7 @@ def choose_thresholds(thresholds: Thresholds, good: Measurements, anomalous: Mea
         raise ValueError("held-out images and anomalous samples must both have log-odds, or neither")
     reference = held_out if held_out is not None and len(held_out) else good
     thresholds = with_odds_scale(thresholds, reference if anomalous.anomaly_log_odds is not None else None)
-    every_good = joined(good, held_out)
+    every_good = joined([good, held_out])
     good_error, good_density = sample_heights(thresholds, every_good)
     anomalous_error, anomalous_density = sample_heights(thresholds, anomalous)
     every_error, every_density = np.r_[good_error, anomalous_error], np.r_[good_density, anomalous_density]
@@ -256,11 +248,8 @@ def _check_finite(samples: Measurements, label: str) -> None:
 
 
 def _metrics_at(thresholds: Thresholds, good: Measurements, anomalous: Measurements | None) -> dict[str, float]:
-    def flags(samples: Measurements) -> np.ndarray:
-        return decide(samples.reconstruction_error, samples.log_density, thresholds, samples.anomaly_log_odds).anomaly
-
-    good_flags = flags(good)
-    anomalous_flags = flags(anomalous) if anomalous is not None else np.zeros(0, bool)
+    good_flags = decided(good, thresholds).anomaly
+    anomalous_flags = decided(anomalous, thresholds).anomaly if anomalous is not None else np.zeros(0, bool)
     counts = confusion(good_flags, anomalous_flags)
     rates = decision_metrics(**counts)
     result = {name: float(v) for name, v in rates.items() if np.isfinite(v)}

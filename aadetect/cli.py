@@ -427,7 +427,7 @@ def print_report(report: dict, format: ReportFormat) -> None:
     from rich.table import Table
 
     ranking = Table("signal", "AUROC", "AUPRC", title="ranking (higher is better)")
-    for signal in ("reconstruction", "density", "combined"):
+    for signal in report["auroc"]:  # reconstruction, density, lookalike (calibrated with anomalies), combined
         ranking.add_row(signal, f"{report['auroc'][signal]:.4f}", f"{report['auprc'][signal]:.4f}")
     decision = Table("metric", "value", title="decisions at the card's thresholds"
                      + ("" if report["thresholds_calibrated"] else " (uncalibrated defaults)"))

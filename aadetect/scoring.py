@@ -145,7 +145,7 @@ class Detector:
         pixels = self._checked_pixels(pixels)
         size = self.batch_size
         with piece_pool(self.device) as (pool, _):
-            return _joined(list(pool.map(lambda start: self._measure_batch(pixels[start:start + size]),
+            return joined(list(pool.map(lambda start: self._measure_batch(pixels[start:start + size]),
                                          range(0, len(pixels), size))))
 
     def encode_views(self, pixels) -> tuple[np.ndarray, np.ndarray]:
@@ -243,7 +243,7 @@ class Detector:
         return Measurements(errors, log_density[:count], None if odds is None else odds[:count])
 
     def score(self, pixels) -> Scores:
-        return _decided(self.measure(pixels), self.thresholds)
+        return decided(self.measure(pixels), self.thresholds)
 
     def decision_function(self, pixels) -> np.ndarray:
         return self.score(pixels).score
@@ -281,7 +281,7 @@ class Detector:
     def _rows(self, refs: list[ImageRef], batch, futures: list) -> Iterator[tuple[ImageRef, dict | None, str | None]]:
         rows: dict[int, tuple[dict | None, str | None]] = {i: (None, message) for i, message in batch.errors}
         if futures:
-            scores = _decided(_joined([future.result() for future in futures]), self.thresholds)
+            scores = decided(joined([future.result() for future in futures]), self.thresholds)
             rows.update((index, (scores.row(k), None)) for k, index in enumerate(batch.indices))
         for index in sorted(rows):
             yield refs[index], *rows[index]
@@ -300,16 +300,19 @@ def _checked_refs(refs) -> list[ImageRef]:
     raise UserError(f"score_images takes ImageRefs, as find_images(path) returns; got {got}")
 
 
-def _joined(parts: list[Measurements]) -> Measurements:
+def joined(parts: list[Measurements | None]) -> Measurements:
+    """One set of measurements from several (None ones skipped); log-odds only where every part has them."""
+    parts = [part for part in parts if part is not None]
     if not parts:
         return Measurements(np.empty(0), np.empty(0))
     odds = [part.anomaly_log_odds for part in parts]
     return Measurements(np.concatenate([part.reconstruction_error for part in parts]),
                         np.concatenate([part.log_density for part in parts]),
-                        None if odds[0] is None else np.concatenate(odds))
+                        None if any(o is None for o in odds) else np.concatenate(odds))
 
 
-def _decided(measured: Measurements, thresholds: Thresholds) -> Scores:
+def decided(measured: Measurements, thresholds: Thresholds) -> Scores:
+    """`decide` on what `measure` gives."""
     return decide(measured.reconstruction_error, measured.log_density, thresholds, measured.anomaly_log_odds)
 
 

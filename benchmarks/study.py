@@ -37,7 +37,7 @@ if str(HERE.parent) not in sys.path:
 from aadetect.calibration import Measurements, choose_thresholds  # noqa: E402
 from aadetect.config import TrainConfig  # noqa: E402
 from aadetect.metrics import auroc, confusion, decision_metrics  # noqa: E402
-from aadetect.scoring import decide  # noqa: E402
+from aadetect.scoring import decided  # noqa: E402
 
 SETS = {"validation": None, "calibrate_good": "calibrate/good", "calibrate_anomalous": "calibrate/anomalous",
         "test_good": "test/good", "test_anomalous": "test/anomalous"}
@@ -148,10 +148,6 @@ def load(results: Path, variants: str, split: str) -> dict | None:
     numbers["held_out"] = None if held_out is None else Measurements(numbers["validation"].reconstruction_error,
                                                                      held_out, mean("held_out_anomaly_log_odds"))
     return {**numbers, "train_seconds": sum(float(s["train_seconds"]) for s in saved)}
-
-
-def decided(measured: Measurements, thresholds):
-    return decide(measured.reconstruction_error, measured.log_density, thresholds, measured.anomaly_log_odds)
 
 
 def scores_with_only_reconstruction_above_its_cut(measured: Measurements, thresholds) -> np.ndarray:

@@ -287,3 +287,25 @@ def test_the_odds_test_sits_on_the_density_side_at_the_same_height():
     assert scores.score[2] == pytest.approx((3.0 - 1.0) / 2.0)  # the odds' excess in its own scale
     with pytest.raises(ValueError, match="anomaly_log_odds"):
         decide(errors, log_density, thresholds)
+
+
+def test_one_anomalous_sample_cleans_the_density_but_makes_no_mixture(contaminated_model, dataset, tmp_path):
+    """Left out of its own mixture, a lone sample would leave nothing to compare with."""
+    model, _, anomalous = contaminated_model
+    copy, one = tmp_path / "copy", tmp_path / "one"
+    shutil.copytree(model, copy)
+    one.mkdir()
+    shutil.copy(sorted(anomalous.iterdir())[0], one)
+    assert invoke("calibrate", "--model", copy, "--good", dataset["good"], "--anomalous", one).exit_code == 0
+    card = read_card(copy)
+    assert card.calibration.anomalies_file is None and card.thresholds.anomaly_log_odds is None
+    assert card.format_version in (2, 3) and not list(copy.glob("anomalies-*.npy"))
+    table = invoke("evaluate", "--model", copy, "--good", dataset["good"], "--anomalous", anomalous).stdout
+    assert "lookalike" not in table and "density" in table
+
+
+def test_the_evaluate_table_ranks_by_every_signal_the_model_has(contaminated_model, dataset):
+    model, _, anomalous = contaminated_model
+    assert invoke("calibrate", "--model", model, "--good", dataset["good"], "--anomalous", anomalous).exit_code == 0
+    table = invoke("evaluate", "--model", model, "--good", dataset["good"], "--anomalous", anomalous).stdout
+    assert all(signal in table for signal in ("reconstruction", "density", "lookalike", "combined"))
