@@ -158,7 +158,7 @@ class Detector:
             errors, codes = self._encode_batch(pixels[start:start + size])
             parts.append((errors, codes.cpu().numpy()))
         if not parts:
-            return np.empty(0), np.empty((2 * self.shift_radius + 1) ** 2, 0, self.model.arch.latent_dim)
+            return np.empty(0), np.empty(((2 * self.shift_radius + 1) ** 2, 0, self.model.arch.latent_dim))
         return np.concatenate([errors for errors, _ in parts]), np.concatenate([codes for _, codes in parts], axis=1)
 
     def log_densities(self, view_codes, anomalies=None) -> tuple[np.ndarray, np.ndarray | None]:

@@ -76,6 +76,14 @@ def contaminated_model(dataset, tmp_path_factory):
     return model, train, write_pngs(root / "anomalous", dark_blobs(12, seed=5))
 
 
+def calibrated_copy(contaminated_model, dataset, folder):
+    """A copy of the contaminated model (the module's fixture stays as it is), calibrated with its samples."""
+    model, _, anomalous = contaminated_model
+    shutil.copytree(model, folder)
+    assert invoke("calibrate", "--model", folder, "--good", dataset["good"], "--anomalous", anomalous).exit_code == 0
+    return folder, anomalous
+
+
 def test_calibrate_lists_the_hidden_anomalies_and_score_matches_evaluate(contaminated_model, dataset):
     model, train, anomalous = contaminated_model
     result = invoke("calibrate", "--model", model, "--good", dataset["good"], "--anomalous", anomalous,
@@ -128,10 +136,7 @@ def test_a_model_folder_without_its_image_list_names_codes_by_number(contaminate
 
 
 def test_a_card_with_impossible_lookalike_codes_is_refused(contaminated_model, dataset, tmp_path):
-    model, _, anomalous = contaminated_model
-    damaged = tmp_path / "damaged"
-    shutil.copytree(model, damaged)
-    assert invoke("calibrate", "--model", damaged, "--good", dataset["good"], "--anomalous", anomalous).exit_code == 0
+    damaged, anomalous = calibrated_copy(contaminated_model, dataset, tmp_path / "damaged")
     card = yaml.safe_load((damaged / "card.yaml").read_text())
     card["calibration"]["lookalike_codes"] = [0, card["density"]["n_codes"]]
     (damaged / "card.yaml").write_text(yaml.safe_dump(card))
@@ -199,10 +204,7 @@ def test_calibrating_twice_with_the_same_samples_gives_the_same_card(contaminate
 
 
 def test_a_damaged_anomalies_file_or_held_out_file_is_a_one_line_error(contaminated_model, dataset, tmp_path):
-    model, _, anomalous = contaminated_model
-    damaged = tmp_path / "damaged"
-    shutil.copytree(model, damaged)
-    assert invoke("calibrate", "--model", damaged, "--good", dataset["good"], "--anomalous", anomalous).exit_code == 0
+    damaged, anomalous = calibrated_copy(contaminated_model, dataset, tmp_path / "damaged")
     (anomalies,) = damaged.glob("anomalies-*.npy")
     anomalies.write_bytes(anomalies.read_bytes()[:-8])
     result = invoke("score", anomalous, "--model", damaged)
@@ -231,10 +233,7 @@ def test_a_model_trained_before_the_held_out_codes_calibrates_on_its_good_sample
 
 
 def test_a_card_whose_odds_threshold_has_no_anomalies_file_is_refused(contaminated_model, dataset, tmp_path):
-    model, _, anomalous = contaminated_model
-    damaged = tmp_path / "damaged"
-    shutil.copytree(model, damaged)
-    assert invoke("calibrate", "--model", damaged, "--good", dataset["good"], "--anomalous", anomalous).exit_code == 0
+    damaged, anomalous = calibrated_copy(contaminated_model, dataset, tmp_path / "damaged")
     card = yaml.safe_load((damaged / "card.yaml").read_text())
     for edit, message in ((lambda c: c["calibration"].update(anomalies_file=None), "go together"),
                           (lambda c: c["calibration"].update(anomalies_file="../anomalies-x.npy"), "a file name")):
