@@ -196,6 +196,9 @@ class ModelCard:
             if not all(math.isfinite(value) for value in odds) or self.thresholds.anomaly_odds_scale <= 0:
                 raise UserError(f"{source}: the anomaly_log_odds threshold, scale and centre must be finite, "
                                 f"the scale positive")
+            if self.format_version != ANOMALIES_FORMAT_VERSION:
+                raise UserError(f"{source}: a card with calibration.anomalies_file must have format_version "
+                                f"{ANOMALIES_FORMAT_VERSION}, got {self.format_version}")
             if anomalies_file != Path(anomalies_file).name or not anomalies_file.startswith(ANOMALIES_PREFIX):
                 raise UserError(f"{source}: calibration.anomalies_file must be a file name starting with "
                                 f"{ANOMALIES_PREFIX!r}, got {anomalies_file!r:.60}")

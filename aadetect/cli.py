@@ -34,7 +34,8 @@ app = typer.Typer(
 DEFAULT_MODEL = "aadetect-model"
 EXIT_ANOMALY, EXIT_USAGE, EXIT_BUG = 1, 2, 3
 EXIT_READER_LEFT = 128 + 13  # what a shell reports for a process ended by SIGPIPE
-SCORE_FIELDS = ("path", "reconstruction_error", "log_density", "anomaly_log_odds", "score", "anomaly", "reason",
+# anomaly_log_odds came later: it goes last but for `error`, so the older columns keep their places
+SCORE_FIELDS = ("path", "reconstruction_error", "log_density", "score", "anomaly", "reason", "anomaly_log_odds",
                 "error")
 
 
@@ -208,9 +209,8 @@ def calibrate(
     objective: Annotated[Objective, typer.Option(help="What the joint threshold search maximises.")]
         = Objective(OBJECTIVES[0]),
     target_fpr: Annotated[Optional[float], typer.Option(
-        help="Flag at most this fraction of the good samples, and of the images training held out (with no "
-             f"--anomalous: of the good samples, the model's own training budget, {TrainConfig.target_fpr} by "
-             "default).")] = None,
+        help="Flag at most this fraction of the good samples (with no --anomalous: the model's own training "
+             f"budget, {TrainConfig.target_fpr} by default).")] = None,
     one_class: Annotated[bool, typer.Option(
         "--one-class", help="Use the anomalous samples only to place the thresholds: keep every training image "
                             "in the density and do not compare images with the samples.")] = False,
@@ -382,11 +382,11 @@ def score_table(rows: list[dict]):
     table = Table(*(Column(name, overflow="fold") if name in ("path", "reason") else name for name in names))
     for row in rows:  # Text, not str: paths are data, never markup
         if row["error"]:
-            table.add_row(Text(row["path"]), *[""] * (len(names) - 2), Text(row["error"], style="red"))
+            table.add_row(Text(row["path"]), "", "", "", "", Text(row["error"], style="red"), *[""] * with_odds)
         else:
             odds = [f"{row['anomaly_log_odds']:.4g}"] if with_odds else []
-            table.add_row(Text(row["path"]), f"{row['reconstruction_error']:.6g}", f"{row['log_density']:.6g}", *odds,
-                          f"{row['score']:.4g}", "yes" if row["anomaly"] else "no", row["reason"])
+            table.add_row(Text(row["path"]), f"{row['reconstruction_error']:.6g}", f"{row['log_density']:.6g}",
+                          f"{row['score']:.4g}", "yes" if row["anomaly"] else "no", row["reason"], *odds)
     return table
 
 

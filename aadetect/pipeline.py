@@ -392,7 +392,7 @@ def calibrate_detector(model_dir: str | Path, good: str | Path, anomalous: str |
                                objective=objective, target_fpr=target_fpr, default_fpr=model_fpr)
     for warning in result.warnings:
         reporter.warn(warning)
-    anomalies_file = None
+    anomalies_file, previous_file = None, card.calibration.anomalies_file if card.calibration else None
     if centres is not None:  # named by its content, so the card in force never names a file being rewritten
         anomalies_file = save_anomalies(model_dir, centres)
     card.format_version = (ANOMALIES_FORMAT_VERSION if anomalies_file else
@@ -409,8 +409,10 @@ def calibrate_detector(model_dir: str | Path, good: str | Path, anomalous: str |
         anomalies_file=anomalies_file)
     write_text_atomic(model_dir / CARD_FILE, card.to_yaml())  # the card decides; the list only reports it
     write_names(model_dir / LOOKALIKES_FILE, density_image_names(model_dir, card, lookalikes), atomic=True)
-    for stale in model_dir.glob(f"{ANOMALIES_PREFIX}*.npy"):  # earlier calibrations'
-        if stale.name != anomalies_file:
+    # older calibrations' centres; the card just replaced keeps its own, for a `score` that read that card
+    # a moment ago (it goes with the next calibration)
+    for stale in model_dir.glob(f"{ANOMALIES_PREFIX}*.npy"):
+        if stale.name not in (anomalies_file, previous_file):
             stale.unlink(missing_ok=True)
     if lookalikes:
         reporter.info(f"left {len(lookalikes)} of the {trained_density.n_codes} training images out of the density: "

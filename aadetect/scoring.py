@@ -144,6 +144,8 @@ class Detector:
         (N, C, S, S) (a tensor or numpy array)."""
         pixels = self._checked_pixels(pixels)
         size = self.batch_size
+        if len(pixels) == 0:
+            return Measurements(np.empty(0), np.empty(0), None if self.anomalies is None else np.empty(0))
         with piece_pool(self.device) as (pool, _):
             return joined(list(pool.map(lambda start: self._measure_batch(pixels[start:start + size]),
                                          range(0, len(pixels), size))))

@@ -118,11 +118,14 @@ def test_calibrate_lists_the_hidden_anomalies_and_score_matches_evaluate(contami
     assert card.thresholds.anomaly_log_odds is None and not any(name.startswith("anomalies-") for name in card.files)
     assert card.format_version == 2
     assert (model / "lookalikes.txt").read_text() == ""
-    assert not list(model.glob("anomalies-*.npy"))  # the earlier calibration's file is gone with it
+    # the replaced card's file stays for a `score` that read that card a moment ago, until the next calibration
+    assert [path.name for path in model.glob("anomalies-*.npy")] == [anomalies.name]
     detector = Detector.load(model, "cpu")
     assert detector.density.n_codes == card.density.n_codes and detector.anomalies is None
     assert {row["anomaly_log_odds"] for row in jsonl(invoke("score", anomalous, "--model", model,
                                                             "--format", "jsonl").stdout)} == {None}
+    assert invoke("calibrate", "--model", model, "--good", dataset["good"], "--one-class").exit_code == 0
+    assert not list(model.glob("anomalies-*.npy"))
 
 
 def test_a_model_folder_without_its_image_list_names_codes_by_number(contaminated_model, dataset, tmp_path):
@@ -189,6 +192,28 @@ def test_evaluate_ranks_new_anomalies_of_the_samples_kind_by_their_odds(contamin
     assert all(np.isfinite(row["anomaly_log_odds"]) and row["anomaly"] == (row["score"] > 0) for row in rows)
 
 
+def test_a_model_with_the_samples_kind_scores_no_images_as_no_rows(contaminated_model, dataset, tmp_path):
+    copy, _ = calibrated_copy(contaminated_model, dataset, tmp_path / "copy")
+    detector = Detector.load(copy, "cpu")
+    scores = detector.score(np.zeros((0, 1, detector.image_size, detector.image_size), np.uint8))
+    assert len(scores) == 0 and scores.anomaly_log_odds.shape == (0,)
+
+
+def test_a_reader_of_the_replaced_card_still_finds_its_files(contaminated_model, dataset, tmp_path):
+    """`score` read the card just before `calibrate` replaced it: the files that card names are still there."""
+    from aadetect.scoring import load_anomalies, load_density
+
+    copy, anomalous = calibrated_copy(contaminated_model, dataset, tmp_path / "copy")
+    before = read_card(copy)
+    some = tmp_path / "some"
+    some.mkdir()
+    for path in sorted(anomalous.iterdir())[:4]:  # other samples: other centres, another file
+        shutil.copy(path, some)
+    assert invoke("calibrate", "--model", copy, "--good", dataset["good"], "--anomalous", some).exit_code == 0
+    assert read_card(copy).calibration.anomalies_file != before.calibration.anomalies_file
+    assert load_anomalies(copy, before, load_density(copy, before, without_lookalikes=False)) is not None
+
+
 def test_calibrating_twice_with_the_same_samples_gives_the_same_card(contaminated_model, dataset, tmp_path):
     model, _, anomalous = contaminated_model
     copy = tmp_path / "copy"
@@ -236,7 +261,8 @@ def test_a_card_whose_odds_threshold_has_no_anomalies_file_is_refused(contaminat
     damaged, anomalous = calibrated_copy(contaminated_model, dataset, tmp_path / "damaged")
     card = yaml.safe_load((damaged / "card.yaml").read_text())
     for edit, message in ((lambda c: c["calibration"].update(anomalies_file=None), "go together"),
-                          (lambda c: c["calibration"].update(anomalies_file="../anomalies-x.npy"), "a file name")):
+                          (lambda c: c["calibration"].update(anomalies_file="../anomalies-x.npy"), "a file name"),
+                          (lambda c: c.update(format_version=3), "must have format_version 4")):
         edited = yaml.safe_load(yaml.safe_dump(card))
         edit(edited)
         (damaged / "card.yaml").write_text(yaml.safe_dump(edited))
@@ -298,7 +324,7 @@ def test_one_anomalous_sample_cleans_the_density_but_makes_no_mixture(contaminat
     assert invoke("calibrate", "--model", copy, "--good", dataset["good"], "--anomalous", one).exit_code == 0
     card = read_card(copy)
     assert card.calibration.anomalies_file is None and card.thresholds.anomaly_log_odds is None
-    assert card.format_version in (2, 3) and not list(copy.glob("anomalies-*.npy"))
+    assert card.format_version in (2, 3) and not any(name.startswith("anomalies-") for name in card.files)
     table = invoke("evaluate", "--model", copy, "--good", dataset["good"], "--anomalous", anomalous).stdout
     assert "lookalike" not in table and "density" in table
 
