@@ -175,10 +175,10 @@ def choose_thresholds(thresholds: Thresholds, good: Measurements, anomalous: Mea
     anomalous samples they join the good side of the search: ten good samples say little about how
     many good images a cut flags, hundreds of held-out ones say it well. A false-positive budget is
     kept on the labelled good samples alone: the held-out images are a slice of the training folder,
-    which may hide a few anomalies, and one of those must not hold every cut above it. Where the anomalous samples
-    carry log-odds of their kind, those are centred and scaled on the held-out images (else on the
-    good samples) and tested on the density's side of the rule (`sample_heights`). The reported
-    metrics are the labelled samples' own.
+    which may hide a few anomalies, and one of those must not hold every cut above it. Where the
+    anomalous samples carry log-odds of their kind, those are centred and scaled on the held-out
+    images (else on the good samples) and tested on the density's side of the rule
+    (`sample_heights`). The reported metrics are the labelled samples' own.
     """
     _check_finite(good, "good samples")
     if anomalous is not None:
@@ -206,16 +206,14 @@ def choose_thresholds(thresholds: Thresholds, good: Measurements, anomalous: Mea
     cuts = np.unique(np.r_[_candidates(every_error), _candidates(every_density),
                            np.linspace(min(every_height.min(), 0.0) - 1.0, every_height.max() + 1.0, GRID)])
 
-    def rates(smooth: bool, good_error=good_error, good_density=good_density) -> dict:
-        false_positives = _flagged(cuts, good_error, good_density, smooth)
-        true_positives = _flagged(cuts, anomalous_error, anomalous_density, smooth)
-        return decision_metrics(true_positives, false_positives, len(good_error) - false_positives,
-                                len(anomalous) - true_positives)
-
-    value = rates(smooth=True)["f1" if objective == "f1" else "balanced_accuracy"]
-    if target_fpr is not None:  # on the labelled good samples: held-out images may hide anomalies
-        labelled_error, labelled_density = sample_heights(thresholds, good)
-        value = np.where(rates(False, labelled_error, labelled_density)["fpr"] <= target_fpr + 1e-12, value, -np.inf)
+    false_positives = _flagged(cuts, good_error, good_density, smooth=True)
+    true_positives = _flagged(cuts, anomalous_error, anomalous_density, smooth=True)
+    rates = decision_metrics(true_positives, false_positives, len(every_good) - false_positives,
+                             len(anomalous) - true_positives)
+    value = rates["f1" if objective == "f1" else "balanced_accuracy"]
+    if target_fpr is not None:  # counted on the labelled good samples: held-out images may hide anomalies
+        labelled_fpr = _flagged(cuts, *sample_heights(thresholds, good), smooth=False) / len(good)
+        value = np.where(labelled_fpr <= target_fpr + 1e-12, value, -np.inf)
     margin = np.minimum(np.abs(cuts[:, None] - every_error[None, :]).min(axis=1)[:, None],
                         np.abs(cuts[:, None] - every_density[None, :]).min(axis=1)[None, :])
     imbalance = np.round(2 * np.abs(cuts[:, None] - cuts[None, :]))  # half-unit steps
