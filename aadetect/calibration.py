@@ -3,21 +3,19 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 
 import numpy as np
 
-from aadetect.card import Thresholds
+from aadetect.card import Cut, OddsScale, Thresholds
 from aadetect.config import TrainConfig
 from aadetect.errors import UserError
 from aadetect.metrics import confusion, decision_metrics
-from aadetect.scoring import Measurements, decided, joined
+from aadetect.scoring import Measurements, decide, joined
 
 MAX_CANDIDATES = 256  # cuts tried; keeps the search small for large calibration sets
 FEW_SAMPLES = 10
 SMALLEST_ERROR = 1e-30  # a perfect reconstruction still has a finite log error
-LOG_CAP = 700.0  # exp() of more overflows a float64
 GRID = 256  # evenly spaced cut heights tried, besides the midpoints between samples
 MIN_BANDWIDTH = 0.25  # a sample's bump is at least a quarter of the good images' spread wide
 NEAR_BEST = 0.005  # expected objectives this close to the best count as ties (half a point of balanced accuracy)
@@ -42,60 +40,39 @@ def robust_scale(values: np.ndarray) -> float:
     return max(spread, floor)
 
 
-def centred_thresholds(good: Measurements, method: str) -> Thresholds:
-    """Both thresholds at the good images' medians, with their robust spreads as the scales.
+def centred_thresholds(good: Measurements) -> Thresholds:
+    """Both cuts at the good images' medians (height 0), with their robust spreads as the scales.
 
     Reconstruction errors are right-skewed, so they are centred and scaled in log units;
     then one unit above the centre means about the same rarity for both signals.
     """
     log_error = np.log(np.maximum(good.reconstruction_error, SMALLEST_ERROR))
     error_centre, density_centre = float(np.exp(np.median(log_error))), float(np.median(good.log_density))
-    return Thresholds(reconstruction=error_centre, density=density_centre,
-                      reconstruction_scale=robust_scale(log_error), density_scale=robust_scale(good.log_density),
-                      reconstruction_centre=error_centre, density_centre=density_centre,
-                      calibrated=False, method=method)
-
-
-def heights(thresholds: Thresholds, error_cut, density_cut) -> tuple:
-    """How far cuts lie above the good images' centres, in scale units, for each signal."""
-    return (np.log(np.asarray(error_cut) / thresholds.reconstruction_centre) / thresholds.reconstruction_scale,
-            (thresholds.density_centre - np.asarray(density_cut)) / thresholds.density_scale)
+    return Thresholds(calibrated=False, method="", reconstruction=Cut(error_centre, robust_scale(log_error), 0.0),
+                      density=Cut(density_centre, robust_scale(good.log_density), 0.0), anomaly_log_odds=None)
 
 
 def sample_heights(thresholds: Thresholds, samples: Measurements) -> tuple[np.ndarray, np.ndarray]:
     """How far samples lie above the good centres, in scale units: by their error, and on the density's
-    side, by their density or (with thresholds for it) their log-odds of the anomalous kind, whichever
+    side, by their density or (with a scale for it) their log-odds of the anomalous kind, whichever
     is higher; one cut on the density's side then tests both at the same rarity."""
-    error_height, density_height = heights(thresholds, np.maximum(samples.reconstruction_error, SMALLEST_ERROR),
-                                           samples.log_density)
-    if thresholds.anomaly_odds_centre is not None:
-        odds_height = (samples.anomaly_log_odds - thresholds.anomaly_odds_centre) / thresholds.anomaly_odds_scale
-        density_height = np.maximum(density_height, odds_height)
+    reconstruction, density = thresholds.reconstruction, thresholds.density
+    error_height = np.log(np.maximum(samples.reconstruction_error, SMALLEST_ERROR) / reconstruction.centre
+                          ) / reconstruction.scale
+    density_height = (density.centre - np.asarray(samples.log_density)) / density.scale
+    odds = thresholds.anomaly_log_odds
+    if odds is not None:
+        density_height = np.maximum(density_height, (samples.anomaly_log_odds - odds.centre) / odds.scale)
     return error_height, density_height
-
-
-def at_height(thresholds: Thresholds, error_height: float, density_height: float, *, calibrated: bool,
-              method: str) -> Thresholds:
-    """Thresholds set the given number of scale units above the centres (the log-odds cut, where there is
-    one, as high above its centre as the density's lies below its own)."""
-    odds = {} if thresholds.anomaly_odds_centre is None else {
-        "anomaly_log_odds": thresholds.anomaly_odds_centre + density_height * thresholds.anomaly_odds_scale}
-    return dataclasses.replace(
-        thresholds, calibrated=calibrated, method=method, **odds,
-        reconstruction=thresholds.reconstruction_centre * math.exp(  # capped: past e^700 it never fires anyway
-            min(max(error_height * thresholds.reconstruction_scale, -LOG_CAP), LOG_CAP)),
-        density=thresholds.density_centre - density_height * thresholds.density_scale)
 
 
 def with_odds_scale(thresholds: Thresholds, reference: Measurements | None) -> Thresholds:
     """Thresholds whose log-odds test is centred and scaled on good images' log-odds (`reference`), or
     that have none (no anomalous samples to compare with)."""
     if reference is None or reference.anomaly_log_odds is None:
-        return dataclasses.replace(thresholds, anomaly_log_odds=None, anomaly_odds_centre=None,
-                                   anomaly_odds_scale=None)
+        return dataclasses.replace(thresholds, anomaly_log_odds=None)
     odds = reference.anomaly_log_odds
-    return dataclasses.replace(thresholds, anomaly_odds_centre=float(np.median(odds)),
-                               anomaly_odds_scale=robust_scale(odds))
+    return dataclasses.replace(thresholds, anomaly_log_odds=OddsScale(float(np.median(odds)), robust_scale(odds)))
 
 
 def height_for_fpr(thresholds: Thresholds, good: Measurements, target_fpr: float) -> float:
@@ -112,10 +89,10 @@ def height_for_fpr(thresholds: Thresholds, good: Measurements, target_fpr: float
 def default_thresholds(validation: Measurements, target_fpr: float) -> Thresholds:
     """Thresholds from held-out good images alone: both at one height, for a false-positive budget."""
     _check_finite(validation, "held-out good images")
-    centred = centred_thresholds(validation, method="")
+    centred = centred_thresholds(validation)
     height = height_for_fpr(centred, validation, target_fpr)
-    return at_height(centred, height, height, calibrated=False,
-                     method=f"default: held-out good images, target FPR {target_fpr}")
+    return centred.at_heights(height, height, calibrated=False,
+                              method=f"default: held-out good images, target FPR {target_fpr}")
 
 
 def _candidates(values: np.ndarray) -> np.ndarray:
@@ -221,7 +198,7 @@ def choose_thresholds(thresholds: Thresholds, good: Measurements, anomalous: Mea
     pick = near[np.lexsort((-margin.ravel()[near], -value.ravel()[near], imbalance.ravel()[near]))[0]]
     i, j = np.unravel_index(pick, value.shape)
     method = f"joint search maximising {objective}" + (f" at FPR <= {target_fpr}" if target_fpr is not None else "")
-    calibrated = at_height(thresholds, float(cuts[i]), float(cuts[j]), calibrated=True, method=method)
+    calibrated = thresholds.at_heights(float(cuts[i]), float(cuts[j]), calibrated=True, method=method)
     metrics = _metrics_at(calibrated, good, anomalous)
     if metrics["balanced_accuracy"] <= 0.5:  # no better than chance: the widest margin lies below every sample
         calibrated = _good_only(thresholds, good, budget)
@@ -235,7 +212,7 @@ def choose_thresholds(thresholds: Thresholds, good: Measurements, anomalous: Mea
 
 def _good_only(thresholds: Thresholds, good: Measurements, budget: float) -> Thresholds:
     height = height_for_fpr(thresholds, good, budget)
-    return at_height(thresholds, height, height, calibrated=True, method=f"good samples only, target FPR {budget}")
+    return thresholds.at_heights(height, height, calibrated=True, method=f"good samples only, target FPR {budget}")
 
 
 def _check_finite(samples: Measurements, label: str) -> None:
@@ -249,8 +226,8 @@ def _check_finite(samples: Measurements, label: str) -> None:
 
 
 def _metrics_at(thresholds: Thresholds, good: Measurements, anomalous: Measurements | None) -> dict[str, float]:
-    good_flags = decided(good, thresholds).anomaly
-    anomalous_flags = decided(anomalous, thresholds).anomaly if anomalous is not None else np.zeros(0, bool)
+    good_flags = decide(good, thresholds).anomaly
+    anomalous_flags = decide(anomalous, thresholds).anomaly if anomalous is not None else np.zeros(0, bool)
     counts = confusion(good_flags, anomalous_flags)
     rates = decision_metrics(**counts)
     result = {name: float(v) for name, v in rates.items() if np.isfinite(v)}

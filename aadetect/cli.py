@@ -34,8 +34,7 @@ app = typer.Typer(
 DEFAULT_MODEL = "aadetect-model"
 EXIT_ANOMALY, EXIT_USAGE, EXIT_BUG = 1, 2, 3
 EXIT_READER_LEFT = 128 + 13  # what a shell reports for a process ended by SIGPIPE
-# anomaly_log_odds came later: it goes last but for `error`, so the older columns keep their places
-SCORE_FIELDS = ("path", "reconstruction_error", "log_density", "score", "anomaly", "reason", "anomaly_log_odds",
+SCORE_FIELDS = ("path", "reconstruction_error", "log_density", "anomaly_log_odds", "score", "anomaly", "reason",
                 "error")
 
 
@@ -59,6 +58,11 @@ ModelOption = Annotated[Path, typer.Option("--model", "-m", envvar="AADETECT_MOD
                                            help="Model folder written by `train` (env: AADETECT_MODEL).")]
 DeviceOption = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N. auto picks CUDA when present.")]
 QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or notes on stderr.")]
+
+
+def examples(*lines: str) -> str:
+    """The end of a command's --help: a few commands to copy."""
+    return "Examples:\n\n" + "\n\n".join(f"  $ {line}" for line in lines)
 
 
 def say(message: str) -> None:
@@ -135,7 +139,9 @@ def main_options(
     """Find anomalous images with an autoencoder and a latent-space density."""
 
 
-@app.command()
+@app.command(epilog=examples(
+    "aadetect train ./good                      # writes ./aadetect-model",
+    "aadetect train ./good --out parts-model --epochs 40 --device cuda"))
 @user_errors
 def train(
     data: Annotated[Path, typer.Argument(help="Folder of good images (png, jpg, bmp, tif; searched recursively), "
@@ -152,8 +158,8 @@ def train(
     error: Annotated[ErrorMeasure, typer.Option(help="Reconstruction error measure. ssim: the structural "
                                                      "dissimilarity of the worst 10% of pixels, each divided by "
                                                      "how well good images are rebuilt there; scaled-mse: the "
-                                                     "squared residual, so divided, of all pixels; smooth-mse: "
-                                                     "of the residual averaged over 3x3 pixels.")
+                                                     "squared residual, so divided, of all pixels; mse: the plain "
+                                                     "mean squared error.")
                      ] = ErrorMeasure(TrainConfig.error),
     code_radius: Annotated[CodeRadius, typer.Option(help="How a code's length enters the latent density. sqrt: "
                                                          "square-rooted, so the code's direction weighs more; "
@@ -186,21 +192,21 @@ def train(
                          error=error.value, code_radius=code_radius.value, extra_convs=extra_convs,
                          shift_radius=shift_radius, seed=seed, device=device,
                          adversarial=adversarial, robust=robust, strict=strict, memory_limit_mb=memory_limit_mb)
-    config.validate()
-    from aadetect.pipeline import train_detector
+    from aadetect import pipeline, store
 
     reporter = reporter_for(quiet)
-    summary = train_detector(data, config, out, reporter=reporter, resume=resume)
-    card = summary.card
-    reporter.info(f"model written to {summary.model_dir} ({card.data.image_count} images, "
+    card = pipeline.train(data, out, config, reporter=reporter, resume=resume)
+    reporter.info(f"model written to {out} ({card.data.image_count} images, "
                   f"{card.training.epochs_run} epochs, {card.training.seconds:.0f} s, "
                   f"{card.data.rejected_count} rejected as likely outliers)")
     if list_rejected:
-        for name in summary.rejected:
+        for name in store.read_names(store.resolved(out) / store.REJECTED_FILE):
             typer.echo(name)
 
 
-@app.command()
+@app.command(epilog=examples(
+    "aadetect calibrate --good labelled/good --anomalous labelled/bad",
+    "aadetect calibrate --good labelled/good --target-fpr 0.01 --format json"))
 @user_errors
 def calibrate(
     good: Annotated[Path, typer.Option(help="Folder of labelled good images.")],
@@ -225,12 +231,13 @@ def calibrate(
     the samples then make a model of their kind: an image is also flagged when it is far likelier to be
     of that kind than good ("lookalike").
     """
-    from aadetect.pipeline import calibrate_detector
+    from aadetect import pipeline
 
-    card = calibrate_detector(model, good, anomalous, objective=objective.value, target_fpr=target_fpr,
+    card = pipeline.calibrate(model, good, anomalous, objective=objective.value, target_fpr=target_fpr,
                               one_class=one_class, device=device, reporter=reporter_for(quiet))
-    report = {"thresholds": {"reconstruction": card.thresholds.reconstruction, "density": card.thresholds.density,
-                             "anomaly_log_odds": card.thresholds.anomaly_log_odds},
+    thresholds = card.thresholds
+    report = {"thresholds": {"reconstruction": thresholds.reconstruction_cut, "density": thresholds.density_cut,
+                             "anomaly_log_odds": thresholds.odds_cut},
               "metrics": card.calibration.metrics, "good_count": card.calibration.good_count,
               "anomalous_count": card.calibration.anomalous_count,
               "lookalikes": len(card.calibration.lookalike_codes), "warnings": card.calibration.warnings}
@@ -244,7 +251,9 @@ def calibrate(
                                     *report["metrics"].items(), ("lookalikes left out", report["lookalikes"])])
 
 
-@app.command()
+@app.command(epilog=examples(
+    "aadetect score img.png",
+    "find incoming -name '*.png' | aadetect score - --format jsonl | jq 'select(.anomaly)'"))
 @user_errors
 def score(
     paths: Annotated[list[str], typer.Argument(help="Images or folders to score; '-' reads paths from stdin, "
@@ -282,7 +291,9 @@ def score(
     raise typer.Exit(EXIT_USAGE if unreadable else EXIT_ANOMALY if anomalous else 0)
 
 
-@app.command()
+@app.command(epilog=examples(
+    "aadetect evaluate --good test/good --anomalous test/bad",
+    "aadetect evaluate --good test/good --anomalous test/bad --format json | jq .auroc"))
 @user_errors
 def evaluate(
     good: Annotated[Path, typer.Option(help="Folder of labelled good images.")],
@@ -293,16 +304,18 @@ def evaluate(
     quiet: QuietOption = False,
 ) -> None:
     """Measure a model on labelled images: AUROC, AUPRC, balanced accuracy, F1, confusion."""
-    from aadetect.pipeline import evaluate_detector, unreadable_summary
+    from aadetect import pipeline
 
-    report = evaluate_detector(model, good, anomalous, device=device, reporter=reporter_for(quiet))
+    report = pipeline.evaluate(model, good, anomalous, device=device, reporter=reporter_for(quiet))
     print_report(report, format)
     if report["unreadable"]:  # measured on the rest, but the input was not all usable: like `score`
-        say(f"aadetect: error: {unreadable_summary(report['unreadable'])}")
+        say(f"aadetect: error: {pipeline.unreadable_summary(report['unreadable'])}")
         raise typer.Exit(EXIT_USAGE)
 
 
-@app.command()
+@app.command(epilog=examples(
+    "aadetect demo",
+    "aadetect demo --out /tmp/cells --format json"))
 @user_errors
 def demo(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the demo's images and model.")]
@@ -382,11 +395,11 @@ def score_table(rows: list[dict]):
     table = Table(*(Column(name, overflow="fold") if name in ("path", "reason") else name for name in names))
     for row in rows:  # Text, not str: paths are data, never markup
         if row["error"]:
-            table.add_row(Text(row["path"]), "", "", "", "", Text(row["error"], style="red"), *[""] * with_odds)
+            table.add_row(Text(row["path"]), *[""] * (len(names) - 2), Text(row["error"], style="red"))
         else:
             odds = [f"{row['anomaly_log_odds']:.4g}"] if with_odds else []
             table.add_row(Text(row["path"]), f"{row['reconstruction_error']:.6g}", f"{row['log_density']:.6g}",
-                          f"{row['score']:.4g}", "yes" if row["anomaly"] else "no", row["reason"], *odds)
+                          *odds, f"{row['score']:.4g}", "yes" if row["anomaly"] else "no", row["reason"])
     return table
 
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from aadetect.errors import UserError
 
-ERROR_MEASURES = ("ssim", "scaled-mse", "mse", "smooth-mse", "mae", "rmse")
+ERROR_MEASURES = ("ssim", "scaled-mse", "mse")  # each wins on some benchmark (docs/cli.md)
 SCALED_MEASURES = ("ssim", "scaled-mse")  # divided by a per-pixel scale measured on good images (model.error_scale)
 CODE_RADII = ("sqrt", "linear")  # how a code's length enters the KDE (density.map_radius)
 OBJECTIVES = ("balanced-accuracy", "f1")  # what calibration's joint threshold search maximises
@@ -17,20 +17,24 @@ MAX_SHIFT_RADIUS = 2  # (2r + 1)^2 forward passes an image: 25 at most
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Everything that decides what `train` builds; recorded verbatim in the card."""
+    """Everything that decides what `train` builds; recorded verbatim in the card.
+
+    Checked once, when it is made (from the CLI, from Python, or from a card being read): every later
+    step can take it as valid.
+    """
 
     epochs: int = 20
     image_size: int = AUTO
     latent_dim: int = 32
     batch_size: int = 64
-    error: str = "ssim"  # beat scaled-mse on MNIST, Fashion-MNIST and the cells, lost on T-shirt vs Pullover (RESULTS.md)
+    error: str = "ssim"  # a small local defect is not diluted by the many pixels rebuilt well
     seed: int = 0
     device: str = "auto"
     learning_rate: float = 1e-3
-    code_radius: str = "sqrt"  # beat linear on Fashion-MNIST and the demo, tied on MNIST (RESULTS.md)
-    extra_convs: int = 1  # 3x3 convolutions after each resolution change; 1 lifted MNIST on every seed
+    code_radius: str = "sqrt"  # a code's direction says more about content than its length
+    extra_convs: int = 1  # 3x3 convolutions after each resolution change
     shift_radius: int = 1  # the density is averaged over the image moved by up to this many pixels
-    adversarial: bool = False  # the Gaussian prior made the latent density a weaker signal (benchmarks/RESULTS.md)
+    adversarial: bool = False  # the Gaussian prior squeezes unusual codes into its dense centre
     robust: bool = True
     reject_z: float = 3.0
     validation_fraction: float = 0.1
@@ -39,7 +43,7 @@ class TrainConfig:
     strict: bool = False
     memory_limit_mb: int = 4096  # decoded training images above this are read from disk each epoch
 
-    def validate(self) -> None:
+    def __post_init__(self) -> None:
         """Fail fast, before any expensive work, on settings that cannot work."""
         if self.epochs < 1:
             raise UserError(f"--epochs must be at least 1, got {self.epochs}")
@@ -82,11 +86,11 @@ class Architecture:
     channels: int
     latent_dim: int
     widths: tuple[int, ...]
-    discriminator_width: int = 256
-    extra_convs: int = 0  # stride-1 3x3 convolutions after each resolution change (0: models before them)
+    discriminator_width: int
+    extra_convs: int  # stride-1 3x3 convolutions after each resolution change
 
     @classmethod
-    def for_images(cls, image_size: int, channels: int, latent_dim: int, extra_convs: int = 0) -> Architecture:
+    def for_images(cls, image_size: int, channels: int, latent_dim: int, extra_convs: int) -> Architecture:
         """Halve the image until it is small and odd-or-4: one conv stage per halving."""
         widths: list[int] = []
         size = image_size
@@ -94,7 +98,7 @@ class Architecture:
             widths.append(min(16 * 2 ** len(widths), 128))
             size //= 2
         return cls(image_size=image_size, channels=channels, latent_dim=latent_dim, widths=tuple(widths),
-                   extra_convs=extra_convs)
+                   discriminator_width=256, extra_convs=extra_convs)
 
     @property
     def bottom_size(self) -> int:

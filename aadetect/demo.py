@@ -21,13 +21,12 @@ def demo_config(seed: int = 0, epochs: int = DEMO_EPOCHS) -> TrainConfig:
 def run_demo(out: str | Path, *, seed: int = 0, epochs: int = DEMO_EPOCHS, train_images: int = DEMO_TRAIN_IMAGES,
              reporter: Reporter | None = None) -> dict:
     """Write the demo images under `out`, train a model there and return the test-split evaluation."""
-    from aadetect.pipeline import calibrate_detector, evaluate_detector, train_detector
+    from aadetect.pipeline import calibrate, evaluate, train
     from aadetect.synthetic import write_demo_dataset
-    from aadetect.train import validation_size
+    from aadetect.training import validation_size
 
     reporter = reporter or Reporter()
-    config = demo_config(seed, epochs)
-    config.validate()  # before any image is written
+    config = demo_config(seed, epochs)  # checked before any image is written
     # the KDE needs more codes than dimensions, with room for the images robust training leaves out
     fewest = next(n for n in range(1, 100_000)
                   if n - validation_size(n, config.validation_fraction) >= 3 * config.latent_dim // 2)
@@ -38,11 +37,9 @@ def run_demo(out: str | Path, *, seed: int = 0, epochs: int = DEMO_EPOCHS, train
     folders = write_demo_dataset(out / "data", seed=seed, size=DEMO_IMAGE_SIZE, n_train=train_images)
     reporter.info(f"demo images written under {out / 'data'}")
     model_dir = out / "model"
-    train_detector(folders["train"], config, model_dir, reporter=reporter)
-    calibrate_detector(model_dir, folders["calibrate_good"], folders["calibrate_anomalous"], device="cpu",
-                       reporter=reporter)
-    report = evaluate_detector(model_dir, folders["test_good"], folders["test_anomalous"], device="cpu",
-                               reporter=reporter)
+    train(folders["train"], model_dir, config, reporter=reporter)
+    calibrate(model_dir, folders["calibrate_good"], folders["calibrate_anomalous"], device="cpu", reporter=reporter)
+    report = evaluate(model_dir, folders["test_good"], folders["test_anomalous"], device="cpu", reporter=reporter)
     reporter.info(f"model: {model_dir}   data: {out / 'data'}   "
                   f"(try: aadetect score --model {model_dir} {folders['test_anomalous']})")
     return report

@@ -19,12 +19,17 @@ training codes' kernels. A training code is claimed when the first gives it more
 repeated, the claims only growing, until nothing changes, so a cluster of hidden anomalies is taken
 up layer by layer from the labelled ones. A round that would claim one of the labelled good samples,
 or more than MAX_CLAIMED of the codes, is not taken: the anomalies then reach into the good images
-themselves. Benchmarks: benchmarks/RESULTS.md, session 16.
+themselves.
+
+What calibration learns from the samples is one immutable value, `AnomalyKind`, built by
+`learn_anomaly_kind` (or read back from the model folder by `AnomalyKind.of`) and handed to the
+`Detector` whole.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -119,24 +124,47 @@ def find_lookalikes(density, anomalous_codes, good_codes, *, on_codes=None) -> n
     return claimed.nonzero().flatten().numpy()
 
 
-def sample_centres(density, anomalous_codes) -> np.ndarray:
-    """The labelled samples' kernel centres: their unmoved codes, mapped by the density's code radius."""
+@dataclass(frozen=True)
+class AnomalyKind:
+    """The labelled anomalies' kind: the training codes it claims (`lookalikes`, left out of the good
+    density), the samples' kernel centres (None with fewer than two samples: one left out of its own
+    mixture leaves none), the good density without the lookalikes, and the kind's kernel mixture."""
+
+    lookalikes: tuple[int, ...]
+    centres: np.ndarray | None
+    good: object  # KernelDensity
+    mixture: object | None  # KernelDensity
+
+    @classmethod
+    def of(cls, trained, lookalikes, centres) -> AnomalyKind:
+        """From the density as trained; ValueError when the codes left would not make a density."""
+        lookalikes = tuple(int(i) for i in lookalikes)
+        good = trained.without(lookalikes) if lookalikes else trained
+        mixture = None
+        if centres is not None:  # the samples' centres first (so sample i is centre i), then the lookalikes
+            mixture = trained.over(np.concatenate([centres, trained.codes[np.asarray(lookalikes, dtype=np.int64)]]))
+        return cls(lookalikes, centres, good, mixture)
+
+
+
+def learn_anomaly_kind(trained, anomalous_codes, good_codes, *, on_codes=None) -> AnomalyKind:
+    """What the labelled samples say about their kind; `anomalous_codes` and `good_codes` are the samples'
+    codes for the unmoved images, as the density's training codes were computed."""
     import torch
 
     from aadetect.density import map_radius
 
-    return map_radius(torch.from_numpy(np.array(anomalous_codes, dtype=np.float64)), density.radius).numpy()
-
-
-def anomaly_mixture(trained, centres, lookalikes):
-    """The anomalous kind's kernel mixture: the samples' centres first (so sample i is centre i), then
-    the lookalikes' codes, with the trained density's kernel."""
-    return trained.over(np.concatenate([centres, trained.codes[np.asarray(lookalikes, dtype=np.int64)]]))
+    lookalikes = find_lookalikes(trained, anomalous_codes, good_codes, on_codes=on_codes)
+    centres = None
+    if len(anomalous_codes) >= 2:
+        centres = map_radius(torch.from_numpy(np.array(anomalous_codes, dtype=np.float64)), trained.radius).numpy()
+    return AnomalyKind.of(trained, lookalikes, centres)
 
 
 def left_out_log_odds(detector, view_codes) -> np.ndarray:
-    """Each labelled anomalous sample's log-odds with its own kernel left out of the mixture, as a new image
-    of its kind would meet it (with its own kernel, every sample looks certain, and the thresholds would
-    be set for anomalies more obvious than the next ones). `view_codes`: (views, n, d) of the n samples."""
-    return np.concatenate([detector.log_densities(view_codes[:, i:i + 1], detector.anomalies.without([i]))[1]
+    """Each labelled anomalous sample's log-odds with its own kernel left out of the detector's mixture, as
+    a new image of its kind would meet it (with its own kernel, every sample looks certain, and the
+    thresholds would be set for anomalies more obvious than the next ones). `view_codes`: (views, n, d)
+    of the n samples, in the order of the kind's centres."""
+    return np.concatenate([detector.log_densities(view_codes[:, i:i + 1], detector.mixture.without([i]))[1]
                            for i in range(view_codes.shape[1])])

@@ -116,43 +116,30 @@ def structural_dissimilarity(reconstruction: torch.Tensor, images: torch.Tensor)
 
 def error_map(reconstruction: torch.Tensor, images: torch.Tensor, measure: str,
               scale: torch.Tensor | None = None) -> torch.Tensor:
-    """Per-pixel error (B, C, H, W) that the measure averages: the residual (mse, rmse, mae), the residual
-    averaged over 3x3 pixels (smooth-mse), or the residual (scaled-mse) or structural dissimilarity (ssim)
-    divided by each pixel's scale over good images."""
-    if measure == "ssim":
-        difference = structural_dissimilarity(reconstruction, images)
-    else:
-        difference = reconstruction - images
+    """Per-pixel error (B, C, H, W) that the measure averages: the residual (mse), or the residual
+    (scaled-mse) or structural dissimilarity (ssim) divided by each pixel's scale over good images."""
+    difference = structural_dissimilarity(reconstruction, images) if measure == "ssim" else reconstruction - images
     if measure in SCALED_MEASURES:
         if scale is None:
             raise ValueError(f"the {measure} error needs the per-pixel scale")
         difference = difference / scale
-    elif measure == "smooth-mse":
-        difference = torch.nn.functional.avg_pool2d(difference, 3, stride=1, padding=1)
     return difference
 
 
 def reconstruction_error(reconstruction: torch.Tensor, images: torch.Tensor, measure: str,
                          scale: torch.Tensor | None = None) -> torch.Tensor:
-    """Per-image error: mean squared (mse), mean absolute (mae), root mean squared (rmse),
-    scaled-mse: mean squared after dividing each pixel's residual by `scale` (the model's
-    `error_scale`), so a pixel the model rebuilds well on every good image counts more when it
-    is off, smooth-mse: mean squared after averaging the residual over 3x3 neighbourhoods,
-    so that a stroke drawn a pixel off (plus and minus side by side) counts less than a missing
-    or extra part, or ssim: the structural dissimilarity, scaled per pixel as scaled-mse, squared and
-    averaged over the worst 10% of the pixels, so that a small defect (a parasite in a cell) is not
-    diluted by the many pixels rebuilt well, and a texture rebuilt a little blurred counts less than
-    a missing or extra part (benchmarks/RESULTS.md)."""
+    """Per-image error: mean squared (mse); scaled-mse: mean squared after dividing each pixel's
+    residual by `scale` (the model's `error_scale`), so a pixel the model rebuilds well on every
+    good image counts more when it is off; or ssim: the structural dissimilarity, scaled per pixel
+    as scaled-mse, squared and averaged over the worst 10% of the pixels, so that a small defect (a
+    parasite in a cell) is not diluted by the many pixels rebuilt well, and a texture rebuilt a
+    little blurred counts less than a missing or extra part."""
     difference = error_map(reconstruction, images, measure, scale)
     if measure == "ssim":
         per_pixel = difference.square().mean(1).flatten(1)
         worst = max(1, round(WORST_FRACTION * per_pixel.shape[1]))
         return per_pixel.topk(worst, dim=1, sorted=False).values.mean(1)
-    difference = difference.flatten(1)
-    if measure == "mae":
-        return difference.abs().mean(1)
-    squared = difference.square().mean(1)
-    return squared.sqrt() if measure == "rmse" else squared
+    return difference.flatten(1).square().mean(1)
 
 
 @torch.inference_mode()
@@ -160,8 +147,8 @@ def residual_scale(model: AdversarialAutoencoder, images, device: torch.device |
                    batch_size: int = 256) -> torch.Tensor:
     """The scaled measures' divisor: each pixel's root-mean-square residual (scaled-mse) or structural
     dissimilarity (ssim) over good images, plus the mean of those, so that no pixel divides by almost zero
-    and a pixel that is always rebuilt well weighs at most four times an average one. (On Fashion-MNIST,
-    a pullover's sleeves then stand out on a T-shirt model: benchmarks/RESULTS.md.)"""
+    and a pixel that is always rebuilt well weighs at most four times an average one (so a pullover's
+    sleeves stand out on a T-shirt model)."""
     model.eval()
     squares = torch.zeros(model.arch.channels, model.arch.image_size, model.arch.image_size,
                           dtype=torch.float64, device=device)

@@ -7,7 +7,6 @@ more anomalous), `predict` (the OR rule) and the thresholds it applies.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import math
 import os
 import warnings
@@ -18,9 +17,8 @@ from typing import Iterator
 
 import numpy as np
 
-from aadetect.card import CARD_FILE, DENSITY_FILE, WEIGHTS_FILE, ModelCard, Thresholds, read_card
-from aadetect.config import SCALED_MEASURES
-from aadetect.errors import UserError, first_line
+from aadetect.card import Thresholds
+from aadetect.errors import UserError
 from aadetect.images import ImageRef, ImagesOnDisk, iterate_batches, materialize
 from aadetect.parallel import piece_pool
 
@@ -33,11 +31,11 @@ GPU_SCORE_BATCH = 32
 DECODE_BATCH = 128  # images decoded at a time while the pool measures the ones before
 
 
-@dataclass
+@dataclass(frozen=True)
 class Measurements:
-    """What the detector measured on a set of images. `anomaly_log_odds` (the log-odds that an image is
-    of the labelled anomalous kind rather than good, `aadetect.lookalikes`) only where the model was
-    calibrated with anomalous samples."""
+    """What the detector measured on a set of images, as arrays of equal length. `anomaly_log_odds` (the
+    log-odds that an image is of the labelled anomalous kind rather than good, `aadetect.lookalikes`)
+    only where the model was calibrated with anomalous samples."""
 
     reconstruction_error: np.ndarray
     log_density: np.ndarray
@@ -47,19 +45,13 @@ class Measurements:
         return len(self.reconstruction_error)
 
 
-@dataclass
-class Scores:
-    """Per-image numbers for a set of images, as arrays of equal length."""
+@dataclass(frozen=True, kw_only=True)
+class Scores(Measurements):
+    """Measurements with the OR rule's verdict on each image."""
 
-    reconstruction_error: np.ndarray
-    log_density: np.ndarray
     score: np.ndarray
-    anomaly: np.ndarray
-    reason: np.ndarray
-    anomaly_log_odds: np.ndarray | None = None
-
-    def __len__(self) -> int:
-        return len(self.score)
+    anomaly: np.ndarray  # bool
+    reason: np.ndarray  # "reconstruction", "density", "lookalike", "both" or "none"
 
     def row(self, i: int) -> dict:
         odds = None if self.anomaly_log_odds is None else float(self.anomaly_log_odds[i])
@@ -68,8 +60,7 @@ class Scores:
                 "reason": str(self.reason[i])}
 
 
-def decide(reconstruction_error: np.ndarray, log_density: np.ndarray, thresholds: Thresholds,
-           anomaly_log_odds: np.ndarray | None = None) -> Scores:
+def decide(measured: Measurements, thresholds: Thresholds) -> Scores:
     """The OR rule. `score` is the larger threshold-normalised excess: positive exactly when the rule fires.
 
     The reconstruction excess is measured in log units (errors are right-skewed), the density's
@@ -79,40 +70,43 @@ def decide(reconstruction_error: np.ndarray, log_density: np.ndarray, thresholds
     lies below them, so it is a second test on the density's side of the rule, at the same rarity.
     """
     with np.errstate(divide="ignore"):  # a zero error is -inf below any threshold: never flagged by it
-        log_ratio = np.log(reconstruction_error) - np.log(thresholds.reconstruction)
-    reconstruction_excess = log_ratio / thresholds.reconstruction_scale
-    density_excess = (thresholds.density - log_density) / thresholds.density_scale
+        log_ratio = np.log(measured.reconstruction_error) - np.log(thresholds.reconstruction_cut)
+    reconstruction_excess = log_ratio / thresholds.reconstruction.scale
+    density_excess = (thresholds.density_cut - measured.log_density) / thresholds.density.scale
     too_different = reconstruction_excess > 0
     too_unlikely = density_excess > 0
     looks_anomalous = np.zeros_like(too_unlikely)
     if thresholds.anomaly_log_odds is not None:
-        if anomaly_log_odds is None:
+        if measured.anomaly_log_odds is None:
             raise ValueError("these thresholds compare images with anomalous samples: their anomaly_log_odds "
                              "are needed")
-        odds_excess = (anomaly_log_odds - thresholds.anomaly_log_odds) / thresholds.anomaly_odds_scale
+        odds_excess = (measured.anomaly_log_odds - thresholds.odds_cut) / thresholds.anomaly_log_odds.scale
         looks_anomalous = odds_excess > 0
         density_excess = np.maximum(density_excess, odds_excess)
     score = np.maximum(reconstruction_excess, density_excess)
     reason = np.select([too_different & (too_unlikely | looks_anomalous), too_different, too_unlikely,
                         looks_anomalous], ["both", "reconstruction", "density", "lookalike"], "none")
-    return Scores(reconstruction_error, log_density, score, too_different | too_unlikely | looks_anomalous, reason,
-                  anomaly_log_odds)
+    return Scores(measured.reconstruction_error, measured.log_density, measured.anomaly_log_odds, score=score,
+                  anomaly=too_different | too_unlikely | looks_anomalous, reason=reason)
 
 
 class Detector:
     """A trained autoencoder (its adversarial prior is optional) with its latent KDE and decision thresholds.
 
-    `anomalies`: the labelled anomalous samples' kernel mixture (`aadetect.lookalikes`), where the model
-    was calibrated with them; each image's log-odds of being of their kind is then measured too.
+    `kind`: what calibration learnt from labelled anomalous samples (`aadetect.lookalikes.AnomalyKind`), or
+    None: the training codes that look like them are then left out of the density, and each image's
+    log-odds of being of their kind is measured too.
     """
 
-    def __init__(self, model, density, thresholds: Thresholds, error_measure: str, device: str = "cpu",
-                 shift_radius: int = 0, anomalies=None):
+    def __init__(self, model, density, thresholds: Thresholds, *, error_measure: str, shift_radius: int,
+                 device: str = "cpu", kind=None):
         import torch
 
         self.model = model.to(device).eval()
-        self.density = density
-        self.anomalies = anomalies
+        self.trained_density = density
+        self.kind = kind
+        self.density = kind.good if kind is not None else density
+        self.mixture = kind.mixture if kind is not None else None
         self.thresholds = thresholds
         self.error_measure = error_measure
         self.device = device
@@ -123,21 +117,33 @@ class Detector:
 
     @classmethod
     def load(cls, model_dir: str | Path, device: str = "auto", *, as_trained: bool = False) -> Detector:
-        """The model as calibrated; `as_trained`: its density whole and no anomalies, to calibrate afresh."""
+        """The model as calibrated; `as_trained`: its density whole and no anomalous kind, to calibrate afresh.
+
+        >>> from aadetect import Detector
+        >>> from aadetect.images import find_images, load_images
+        >>> detector = Detector.load("model", device="cpu")
+        >>> pixels, refs, unreadable = load_images(find_images("labelled/bad"), detector.image_size, detector.channels)
+        >>> scores = detector.score(pixels)  # PyOD-style: decision_function(pixels), predict(pixels)
+        >>> scores.score.shape, scores.anomaly.dtype.name, unreadable
+        ((12,), 'bool', [])
+        """
+        from aadetect import store
         from aadetect.devices import resolve_device
 
         model_dir = Path(model_dir)
-        card = read_card(model_dir)
+        card = store.read_card(model_dir)
         device = resolve_device(device)
-        trained = load_density(model_dir, card, without_lookalikes=False)
-        density = trained if as_trained else _without_lookalikes(model_dir, card, trained)
-        anomalies = None if as_trained else load_anomalies(model_dir, card, trained)
-        thresholds = card.thresholds
-        if as_trained:  # nothing to measure the odds with
-            thresholds = dataclasses.replace(thresholds, anomaly_log_odds=None, anomaly_odds_scale=None,
-                                             anomaly_odds_centre=None)
-        return cls(load_model(model_dir, card, device), density, thresholds, card.error_measure, device,
-                   card.density.shift_radius, anomalies)
+        trained = store.load_density(model_dir, card)
+        kind = None if as_trained else store.load_anomaly_kind(model_dir, card, trained)
+        thresholds = dataclasses.replace(card.thresholds, anomaly_log_odds=None) if as_trained else card.thresholds
+        return cls(store.load_model(model_dir, card, device), trained, thresholds,
+                   error_measure=card.settings.error, shift_radius=card.settings.shift_radius, device=device,
+                   kind=kind)
+
+    def with_kind(self, kind) -> Detector:
+        """The same networks and trained density, with another anomalous kind (None: none)."""
+        return Detector(self.model, self.trained_density, self.thresholds, error_measure=self.error_measure,
+                        shift_radius=self.shift_radius, device=self.device, kind=kind)
 
     def measure(self, pixels) -> Measurements:
         """Reconstruction error and KDE log-density (and log-odds, with anomalies) for uint8 images
@@ -145,7 +151,7 @@ class Detector:
         pixels = self._checked_pixels(pixels)
         size = self.batch_size
         if len(pixels) == 0:
-            return Measurements(np.empty(0), np.empty(0), None if self.anomalies is None else np.empty(0))
+            return Measurements(np.empty(0), np.empty(0), None if self.mixture is None else np.empty(0))
         with piece_pool(self.device) as (pool, _):
             return joined(list(pool.map(lambda start: self._measure_batch(pixels[start:start + size]),
                                          range(0, len(pixels), size))))
@@ -163,12 +169,16 @@ class Detector:
             return np.empty(0), np.empty(((2 * self.shift_radius + 1) ** 2, 0, self.model.arch.latent_dim))
         return np.concatenate([errors for errors, _ in parts]), np.concatenate([codes for _, codes in parts], axis=1)
 
-    def log_densities(self, view_codes, anomalies=None) -> tuple[np.ndarray, np.ndarray | None]:
-        """Log-density (mean density over the views) and, with `anomalies` (default: the detector's),
-        the log-odds of the anomalous kind, for codes (views, N, d) as `encode_views` gives them."""
+    def measure_codes(self, reconstruction_error: np.ndarray, view_codes) -> Measurements:
+        """Measurements from what `encode_views` gave (or `train` saved for the held-out images)."""
+        return Measurements(reconstruction_error, *self.log_densities(view_codes))
+
+    def log_densities(self, view_codes, mixture=None) -> tuple[np.ndarray, np.ndarray | None]:
+        """Log-density (mean density over the views) and, with a mixture of the anomalous kind (default:
+        the detector's), the log-odds of that kind, for codes (views, N, d) as `encode_views` gives them."""
         import torch
 
-        anomalies = self.anomalies if anomalies is None else anomalies
+        mixture = self.mixture if mixture is None else mixture
         view_codes = torch.as_tensor(view_codes)
         views, count = view_codes.shape[:2]
 
@@ -178,7 +188,7 @@ class Detector:
             return log_density.view(views, count).logsumexp(0) - math.log(views)
 
         log_density = view_mean(self.density)
-        odds = None if anomalies is None else (view_mean(anomalies) - log_density).numpy()
+        odds = None if mixture is None else (view_mean(mixture) - log_density).numpy()
         return log_density.numpy(), odds
 
     def _checked_pixels(self, pixels):
@@ -245,7 +255,8 @@ class Detector:
         return Measurements(errors, log_density[:count], None if odds is None else odds[:count])
 
     def score(self, pixels) -> Scores:
-        return decided(self.measure(pixels), self.thresholds)
+        """The OR rule's verdict on uint8 images (N, C, S, S)."""
+        return decide(self.measure(pixels), self.thresholds)
 
     def decision_function(self, pixels) -> np.ndarray:
         return self.score(pixels).score
@@ -283,7 +294,7 @@ class Detector:
     def _rows(self, refs: list[ImageRef], batch, futures: list) -> Iterator[tuple[ImageRef, dict | None, str | None]]:
         rows: dict[int, tuple[dict | None, str | None]] = {i: (None, message) for i, message in batch.errors}
         if futures:
-            scores = decided(joined([future.result() for future in futures]), self.thresholds)
+            scores = decide(joined([future.result() for future in futures]), self.thresholds)
             rows.update((index, (scores.row(k), None)) for k, index in enumerate(batch.indices))
         for index in sorted(rows):
             yield refs[index], *rows[index]
@@ -313,11 +324,6 @@ def joined(parts: list[Measurements | None]) -> Measurements:
                         None if any(o is None for o in odds) else np.concatenate(odds))
 
 
-def decided(measured: Measurements, thresholds: Thresholds) -> Scores:
-    """`decide` on what `measure` gives."""
-    return decide(measured.reconstruction_error, measured.log_density, thresholds, measured.anomaly_log_odds)
-
-
 def decoding_workers(count: int, batch_size: int, on_gpu: bool) -> int:
     """Decoding processes for scoring `count` images.
 
@@ -330,126 +336,3 @@ def decoding_workers(count: int, batch_size: int, on_gpu: bool) -> int:
         return 0
     cpus = os.cpu_count() or 1
     return min(8, cpus) if on_gpu else (0 if cpus <= 2 else 2)
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _checked_file(model_dir: Path, name: str, card: ModelCard) -> Path:
-    path = model_dir / name
-    if not path.is_file():
-        raise UserError(f"{path}: missing from the model folder")
-    expected = card.files.get(name)
-    if expected is None:  # every card lists both files: a missing entry is damage too
-        raise UserError(f"{path}: the card lists no checksum for it (damaged card?)")
-    if sha256_file(path) != expected:
-        raise UserError(f"{path}: does not match the card's checksum (damaged, or from another model)")
-    return path
-
-
-def load_model(model_dir: Path, card: ModelCard, device: str):
-    """Rebuild the networks from the card, then load the weights without unpickling code."""
-    import pickle
-
-    import torch
-
-    from aadetect.config import Architecture
-    from aadetect.model import AdversarialAutoencoder
-
-    path = _checked_file(model_dir, WEIGHTS_FILE, card)
-    arch_info = card.architecture
-    arch = Architecture(arch_info.image_size, arch_info.channels, arch_info.latent_dim,
-                        tuple(arch_info.widths), arch_info.discriminator_width, arch_info.extra_convs)
-    try:
-        state = torch.load(path, map_location=device, weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise UserError(f"{path}: refused to load (not a plain tensor file: {first_line(exc, 120)})") from None
-    except Exception as exc:
-        raise UserError(f"{path}: cannot read weights ({first_line(exc, 160)})") from None
-    if isinstance(state, dict) and "error_scale" not in state and card.error_measure not in SCALED_MEASURES:
-        state["error_scale"] = torch.ones(arch.channels, arch.image_size, arch.image_size)  # cards before it
-    try:
-        model = AdversarialAutoencoder(arch)
-        keys = model.load_state_dict(state, strict=False)  # wrong shapes still raise
-        problems = [f"missing {name}" for name in keys.missing_keys] + [f"unexpected {name}" for name in keys.unexpected_keys]
-    except Exception as exc:  # torch's first line is only a header; the line after it names the tensor
-        details = [line.strip() for line in str(exc).splitlines() if line.strip()]
-        problems = [details[1][:160] if len(details) > 1 else first_line(exc, 160)]
-    if problems:
-        listed = ", ".join(problems[:3]) + (", ..." if len(problems) > 3 else "")
-        raise UserError(f"{path}: weights do not fit the card's architecture ({listed})")
-    return model
-
-
-def load_density(model_dir: Path, card: ModelCard, *, without_lookalikes: bool = True):
-    """The trained density, less the codes calibration found to look like the anomalous samples
-    (`without_lookalikes=False`: all of them, for calibrating afresh)."""
-    from aadetect.density import KernelDensity
-
-    path = _checked_file(model_dir, DENSITY_FILE, card)
-    try:
-        density = KernelDensity.load(path)
-    except ValueError as exc:  # its message names the file
-        raise UserError(str(exc)) from None
-    if density.dim != card.architecture.latent_dim:
-        raise UserError(f"{path}: codes have {density.dim} dimensions, the card says {card.architecture.latent_dim}")
-    if density.radius != card.density.radius:
-        raise UserError(f"{path}: the density's code radius is {density.radius}, the card says {card.density.radius}")
-    if density.n_codes != card.density.n_codes:
-        raise UserError(f"{path}: holds {density.n_codes} codes, the card says {card.density.n_codes}")
-    return _without_lookalikes(model_dir, card, density) if without_lookalikes else density
-
-
-def _without_lookalikes(model_dir: Path, card: ModelCard, trained):
-    if not (card.calibration and card.calibration.lookalike_codes):
-        return trained
-    try:
-        return trained.without(card.calibration.lookalike_codes)
-    except ValueError as exc:  # e.g. a hand-edited list that leaves a latent dimension constant
-        raise UserError(f"{model_dir / CARD_FILE}: calibration.lookalike_codes leave no usable density "
-                        f"({exc})") from None
-
-
-def load_anomalies(model_dir: Path, card: ModelCard, trained):
-    """The labelled anomalous samples' kernel mixture that calibration saved, with the training codes it
-    found to look like them (`trained`: the density as trained), or None."""
-    name = card.calibration.anomalies_file if card.calibration else None
-    if name is None:
-        return None
-    path = _checked_file(model_dir, name, card)
-    try:
-        centres = np.asarray(np.load(path, allow_pickle=False), dtype=np.float64)
-    except Exception as exc:  # numpy raises many types for damaged files
-        raise UserError(f"{path}: cannot read the anomalous samples' codes ({first_line(exc, 160)})") from None
-    if centres.ndim != 2 or centres.shape[1] != trained.dim or not len(centres) or not np.isfinite(centres).all():
-        raise UserError(f"{path}: the anomalous samples' codes must be finite, shaped (n, {trained.dim}); "
-                        f"got {centres.shape}")
-    from aadetect.lookalikes import anomaly_mixture
-
-    return anomaly_mixture(trained, centres, card.calibration.lookalike_codes)
-
-
-def load_held_out(model_dir: Path, card: ModelCard) -> tuple[np.ndarray, np.ndarray] | None:
-    """The held-out images' reconstruction errors (n,) and codes in every view (views, n, d), as `train`
-    saved them; None for a model trained before they were saved."""
-    name = card.data.held_out_file
-    if name is None:
-        return None
-    path = _checked_file(model_dir, name, card)
-    try:
-        with np.load(path, allow_pickle=False) as saved:
-            errors, view_codes = np.asarray(saved["reconstruction_error"]), np.asarray(saved["view_codes"])
-    except Exception as exc:  # numpy raises many types for damaged files
-        raise UserError(f"{path}: cannot read the held-out images' codes ({first_line(exc, 160)})") from None
-    views = (2 * card.density.shift_radius + 1) ** 2
-    expected = (views, card.data.validation_count, card.architecture.latent_dim)
-    if view_codes.shape != expected or errors.shape != expected[1:2] or not (
-            np.isfinite(view_codes).all() and np.isfinite(errors).all()):
-        raise UserError(f"{path}: expected finite codes shaped {expected} and as many errors; got "
-                        f"{view_codes.shape} and {errors.shape}")
-    return errors.astype(np.float64), view_codes

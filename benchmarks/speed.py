@@ -168,7 +168,7 @@ def training(repeats: int, device: str = "cpu") -> dict:
     import torch
 
     from aadetect.config import Architecture, TrainConfig
-    from aadetect.train import train_autoencoder
+    from aadetect.training import train_autoencoder
 
     result = {}
     for label, size, channels in (("28x28_gray", 28, 1), ("64x64_rgb", 64, 3)):
@@ -194,7 +194,7 @@ def layout_and_denormals(steps: int = 20) -> dict:
     from aadetect.config import Architecture
     from aadetect.model import AdversarialAutoencoder
 
-    arch = Architecture.for_images(64, 3, 16)
+    arch = Architecture.for_images(64, 3, 16, extra_convs=0)
     batch = torch.rand(64, 3, 64, 64)
     settings = {"nchw": (False, False), "channels_last": (True, False), "nchw+flush_denormal": (False, True),
                 "channels_last+flush_denormal": (True, True)}

@@ -37,7 +37,7 @@ if str(HERE.parent) not in sys.path:
 from aadetect.calibration import Measurements, choose_thresholds  # noqa: E402
 from aadetect.config import TrainConfig  # noqa: E402
 from aadetect.metrics import auroc, confusion, decision_metrics  # noqa: E402
-from aadetect.scoring import decided  # noqa: E402
+from aadetect.scoring import decide  # noqa: E402
 
 SETS = {"validation": None, "calibrate_good": "calibrate/good", "calibrate_anomalous": "calibrate/anomalous",
         "test_good": "test/good", "test_anomalous": "test/anomalous"}
@@ -94,29 +94,30 @@ def measure(split: Path, config: TrainConfig, out: Path) -> str:
     """Train one variant on one split and save every image's numbers, as `calibrate` and `evaluate` see them."""
     from aadetect.atomic import write_atomic
     from aadetect.images import find_images, load_images
-    from aadetect.lookalikes import left_out_log_odds
-    from aadetect.pipeline import fit_detector, learn_anomalies, read_training_images
+    from aadetect.pipeline import fit_detector, learn_kind, measure_anomalous, read_training_images
     from aadetect.progress import Reporter
 
     started = time.perf_counter()
-    pixels, refs, _, size, channels = read_training_images(split / "train" / "good", config, Reporter())
+    pixels, refs, _ = read_training_images(split / "train" / "good", config, Reporter())
     fitted = fit_detector(pixels, config)
     train_seconds = time.perf_counter() - started
     numbers = {"validation_reconstruction_error": fitted.validation.reconstruction_error,
                "validation_log_density": fitted.validation.log_density}
-    # as `calibrate` does before it measures anything: learn the anomalous samples' kind
     detector = fitted.detector
-    lookalikes, _, anomalous_views = learn_anomalies(detector, find_images(split / SETS["calibrate_good"]),
-                                                     find_images(split / SETS["calibrate_anomalous"]))
+    read = lambda folder: load_images(find_images(split / folder), detector.image_size, detector.channels)[0]  # noqa: E731
+    # as `calibrate` does before it measures anything: learn the anomalous samples' kind
+    anomalous_samples = read(SETS["calibrate_anomalous"])
+    kind = learn_kind(detector, read(SETS["calibrate_good"]), anomalous_samples, Reporter())
+    detector = detector.with_kind(kind)
     for name, folder in SETS.items():
         if folder is not None:
-            measured = detector.measure(load_images(find_images(split / folder), size, channels)[0])
+            measured = detector.measure(read(folder))
             numbers[f"{name}_reconstruction_error"], numbers[f"{name}_log_density"] = (measured.reconstruction_error,
                                                                                       measured.log_density)
             if measured.anomaly_log_odds is not None:
                 numbers[f"{name}_anomaly_log_odds"] = measured.anomaly_log_odds
-    if anomalous_views is not None:
-        numbers["calibrate_anomalous_anomaly_log_odds"] = left_out_log_odds(detector, anomalous_views)
+    if detector.mixture is not None:
+        numbers["calibrate_anomalous_anomaly_log_odds"] = measure_anomalous(detector, anomalous_samples).anomaly_log_odds
     numbers["held_out_log_density"], held_out_odds = detector.log_densities(fitted.held_out_codes)
     if held_out_odds is not None:
         numbers["held_out_anomaly_log_odds"] = held_out_odds
@@ -124,12 +125,13 @@ def measure(split: Path, config: TrainConfig, out: Path) -> str:
 
     def save(temp: Path) -> None:
         with open(temp, "wb") as handle:  # a file object: given a path, np.savez would add ".npz" to it
-            np.savez(handle, train_seconds=train_seconds, rejected=rejected, lookalikes=np.array(lookalikes, dtype=np.int64),
+            np.savez(handle, train_seconds=train_seconds, rejected=rejected,
+                     lookalikes=np.array(kind.lookalikes, dtype=np.int64),
                      settings=repr(config), **numbers)
 
     write_atomic(out, save)  # a run stopped half-way must not leave a file that the next run keeps
     return (f"{out.parent.name} {split.name}: trained in {train_seconds:.0f} s, {len(fitted.training.rejected)} "
-            f"rejected, {len(lookalikes)} left out as like the anomalous samples")
+            f"rejected, {len(kind.lookalikes)} left out as like the anomalous samples")
 
 
 def load(results: Path, variants: str, split: str) -> dict | None:
@@ -152,8 +154,8 @@ def load(results: Path, variants: str, split: str) -> dict | None:
 
 def scores_with_only_reconstruction_above_its_cut(measured: Measurements, thresholds) -> np.ndarray:
     """The OR rule's decisions, ranked by the density except where the reconstruction rule fires."""
-    scores = decided(measured, thresholds)
-    density_excess = (thresholds.density - measured.log_density) / thresholds.density_scale
+    scores = decide(measured, thresholds)
+    density_excess = (thresholds.density_cut - measured.log_density) / thresholds.density.scale
     return np.where(np.isin(scores.reason, ("reconstruction", "both")), scores.score, density_excess)
 
 
@@ -166,8 +168,8 @@ def evaluate(numbers: dict) -> dict[str, float]:
     good, anomalous = numbers["test_good"], numbers["test_anomalous"]
     defaults = default_thresholds(numbers["validation"], TrainConfig.target_fpr)
     thresholds = choose_thresholds(defaults, numbers["calibrate_good"], numbers["calibrate_anomalous"],
-                                   held_out=numbers["held_out"]).thresholds
-    good_scores, anomalous_scores = decided(good, thresholds), decided(anomalous, thresholds)
+                                   held_out=numbers["held_out"], default_fpr=TrainConfig.target_fpr).thresholds
+    good_scores, anomalous_scores = decide(good, thresholds), decide(anomalous, thresholds)
     validation = numbers["validation"]
     log_error = np.log(validation.reconstruction_error)
 
@@ -179,7 +181,7 @@ def evaluate(numbers: dict) -> dict[str, float]:
     calibrate_good, calibrate_anomalous = numbers["calibrate_good"], numbers["calibrate_anomalous"]
     density_ranks_samples_better = (
         auroc(-calibrate_good.log_density, -calibrate_anomalous.log_density)
-        > auroc(decided(calibrate_good, thresholds).score, decided(calibrate_anomalous, thresholds).score))
+        > auroc(decide(calibrate_good, thresholds).score, decide(calibrate_anomalous, thresholds).score))
     combined, density = (auroc(good_scores.score, anomalous_scores.score),
                          auroc(-good.log_density, -anomalous.log_density))
     return {

@@ -8,7 +8,7 @@ import pytest
 
 from aadetect.config import TrainConfig
 from aadetect.errors import UserError
-from aadetect.pipeline import train_detector
+from aadetect.pipeline import train
 
 
 @pytest.mark.parametrize("setting, named", [
@@ -28,12 +28,12 @@ def test_unworkable_settings_are_refused_before_any_image_is_read(tmp_path, sett
     model_dir = tmp_path / "model"
     with pytest.raises(UserError, match=named):
         # the data folder does not exist: the settings must be judged first
-        train_detector(tmp_path / "no-such-folder", TrainConfig(device="cpu", **setting), model_dir)
+        train(tmp_path / "no-such-folder", model_dir, TrainConfig(device="cpu", **setting))
     assert not model_dir.exists()
 
 
 def test_the_defaults_and_edge_values_that_work_are_accepted():
-    TrainConfig().validate()
-    TrainConfig(patience=1, reject_z=0.5, learning_rate=1e-6).validate()
-    TrainConfig(shift_radius=0, extra_convs=0).validate()
-    TrainConfig(shift_radius=2, extra_convs=4).validate()
+    TrainConfig()
+    TrainConfig(patience=1, reject_z=0.5, learning_rate=1e-6)
+    TrainConfig(shift_radius=0, extra_convs=0)
+    TrainConfig(shift_radius=2, extra_convs=4)

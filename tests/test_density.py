@@ -226,14 +226,13 @@ def test_sqrt_radius_density_is_scipy_on_the_mapped_codes(tmp_path):
     np.testing.assert_array_equal(loaded.log_density(queries), density.log_density(queries))
 
 
-def test_density_files_without_a_radius_are_linear(tmp_path):
-    codes, near, _ = _codes_and_queries(200, 3, seed=2)
-    old = KernelDensity.fit(codes, radius="sqrt").state_dict()
-    del old["radius"]  # what files written before the option hold
-    np.savez(tmp_path / "old.npz", **old)
-    loaded = KernelDensity.load(tmp_path / "old.npz")
-    assert loaded.radius == "linear"
-    np.testing.assert_allclose(loaded.log_density(near), _scipy_logpdf(loaded.codes, near), rtol=1e-9)
+def test_a_density_file_without_its_radius_is_refused(tmp_path):
+    codes, _, _ = _codes_and_queries(200, 3, seed=2)
+    state = KernelDensity.fit(codes, radius="sqrt").state_dict()
+    del state["radius"]  # one format: no key is optional
+    np.savez(tmp_path / "partial.npz", **state)
+    with pytest.raises(ValueError, match="missing radius"):
+        KernelDensity.load(tmp_path / "partial.npz")
 
 
 def _write_state(path: Path, **overrides) -> Path:

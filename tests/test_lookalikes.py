@@ -1,6 +1,7 @@
 """Calibration leaves out of the density the training images that look like the anomalous samples, and
 compares every image with the samples' kind."""
 
+import math
 import shutil
 
 import numpy as np
@@ -9,10 +10,11 @@ import torch
 import yaml
 from conftest import TRAIN_ARGS, blob_images, invoke, jsonl, write_pngs
 
-from aadetect.card import Thresholds, read_card
+from aadetect.card import Cut, OddsScale, Thresholds
 from aadetect.density import KernelDensity
-from aadetect.lookalikes import MAX_CLAIMED, find_lookalikes, left_out_log_odds
-from aadetect.scoring import Detector, decide
+from aadetect.lookalikes import MAX_CLAIMED, AnomalyKind, find_lookalikes, left_out_log_odds
+from aadetect.scoring import Detector, Measurements, decide
+from aadetect.store import read_card
 
 
 def codes_with_hidden_cluster(seed: int = 0):
@@ -93,7 +95,6 @@ def test_calibrate_lists_the_hidden_anomalies_and_score_matches_evaluate(contami
     card = read_card(model)
     listed = (model / "lookalikes.txt").read_text().splitlines()
     assert report["lookalikes"] == len(card.calibration.lookalike_codes) == len(listed) > 0
-    assert card.format_version == 4  # an aadetect that does not know the samples' kind must refuse the card
     fitted = (model / "density_images.txt").read_text().splitlines()
     assert len(fitted) == card.density.n_codes
     assert [fitted[i] for i in card.calibration.lookalike_codes] == listed
@@ -108,7 +109,7 @@ def test_calibrate_lists_the_hidden_anomalies_and_score_matches_evaluate(contami
     assert [row["anomaly_log_odds"] for row in rows] == measured.anomaly_log_odds.tolist()
     (anomalies,) = model.glob("anomalies-*.npy")
     assert card.calibration.anomalies_file == anomalies.name and anomalies.name in card.files
-    assert report["thresholds"]["anomaly_log_odds"] == card.thresholds.anomaly_log_odds
+    assert report["thresholds"]["anomaly_log_odds"] == card.thresholds.odds_cut
 
     one_class = invoke("calibrate", "--model", model, "--good", dataset["good"], "--anomalous", anomalous,
                        "--one-class", "--format", "json")
@@ -116,26 +117,15 @@ def test_calibrate_lists_the_hidden_anomalies_and_score_matches_evaluate(contami
     card = read_card(model)
     assert card.calibration.lookalike_codes == [] and card.calibration.anomalies_file is None
     assert card.thresholds.anomaly_log_odds is None and not any(name.startswith("anomalies-") for name in card.files)
-    assert card.format_version == 2
     assert (model / "lookalikes.txt").read_text() == ""
     # the replaced card's file stays for a `score` that read that card a moment ago, until the next calibration
     assert [path.name for path in model.glob("anomalies-*.npy")] == [anomalies.name]
     detector = Detector.load(model, "cpu")
-    assert detector.density.n_codes == card.density.n_codes and detector.anomalies is None
+    assert detector.density.n_codes == card.density.n_codes and detector.mixture is None
     assert {row["anomaly_log_odds"] for row in jsonl(invoke("score", anomalous, "--model", model,
                                                             "--format", "jsonl").stdout)} == {None}
     assert invoke("calibrate", "--model", model, "--good", dataset["good"], "--one-class").exit_code == 0
     assert not list(model.glob("anomalies-*.npy"))
-
-
-def test_a_model_folder_without_its_image_list_names_codes_by_number(contaminated_model, dataset, tmp_path):
-    model, _, anomalous = contaminated_model
-    old = tmp_path / "old"
-    shutil.copytree(model, old)
-    (old / "density_images.txt").unlink()  # as trained before the list was written
-    assert invoke("calibrate", "--model", old, "--good", dataset["good"], "--anomalous", anomalous).exit_code == 0
-    listed = (old / "lookalikes.txt").read_text().splitlines()
-    assert listed and listed == [f"code {i}" for i in read_card(old).calibration.lookalike_codes]
 
 
 def test_a_card_with_impossible_lookalike_codes_is_refused(contaminated_model, dataset, tmp_path):
@@ -201,7 +191,7 @@ def test_a_model_with_the_samples_kind_scores_no_images_as_no_rows(contaminated_
 
 def test_a_reader_of_the_replaced_card_still_finds_its_files(contaminated_model, dataset, tmp_path):
     """`score` read the card just before `calibrate` replaced it: the files that card names are still there."""
-    from aadetect.scoring import load_anomalies, load_density
+    from aadetect.store import load_anomaly_kind, load_density
 
     copy, anomalous = calibrated_copy(contaminated_model, dataset, tmp_path / "copy")
     before = read_card(copy)
@@ -211,7 +201,7 @@ def test_a_reader_of_the_replaced_card_still_finds_its_files(contaminated_model,
         shutil.copy(path, some)
     assert invoke("calibrate", "--model", copy, "--good", dataset["good"], "--anomalous", some).exit_code == 0
     assert read_card(copy).calibration.anomalies_file != before.calibration.anomalies_file
-    assert load_anomalies(copy, before, load_density(copy, before, without_lookalikes=False)) is not None
+    assert load_anomaly_kind(copy, before, load_density(copy, before)).mixture is not None
 
 
 def test_calibrating_twice_with_the_same_samples_gives_the_same_card(contaminated_model, dataset, tmp_path):
@@ -241,28 +231,11 @@ def test_a_damaged_anomalies_file_or_held_out_file_is_a_one_line_error(contamina
     assert "held_out.npz: does not match the card's checksum" in result.stderr
 
 
-def test_a_model_trained_before_the_held_out_codes_calibrates_on_its_good_samples(contaminated_model, dataset,
-                                                                                  tmp_path):
-    model, _, anomalous = contaminated_model
-    old = tmp_path / "old"
-    shutil.copytree(model, old)
-    card = yaml.safe_load((old / "card.yaml").read_text())
-    del card["data"]["held_out_file"], card["files"]["held_out.npz"]
-    (old / "card.yaml").write_text(yaml.safe_dump(card))
-    (old / "held_out.npz").unlink()
-    assert invoke("calibrate", "--model", old, "--good", dataset["good"], "--anomalous", anomalous).exit_code == 0
-    good_rows = jsonl(invoke("score", dataset["good"], "--model", old, "--format", "jsonl").stdout)
-    odds = np.array([row["anomaly_log_odds"] for row in good_rows])
-    # centred and scaled on the good samples themselves, where there are no held-out images
-    assert read_card(old).thresholds.anomaly_odds_centre == pytest.approx(np.median(odds))
-
-
 def test_a_card_whose_odds_threshold_has_no_anomalies_file_is_refused(contaminated_model, dataset, tmp_path):
     damaged, anomalous = calibrated_copy(contaminated_model, dataset, tmp_path / "damaged")
     card = yaml.safe_load((damaged / "card.yaml").read_text())
     for edit, message in ((lambda c: c["calibration"].update(anomalies_file=None), "go together"),
-                          (lambda c: c["calibration"].update(anomalies_file="../anomalies-x.npy"), "a file name"),
-                          (lambda c: c.update(format_version=3), "must have format_version 4")):
+                          (lambda c: c["calibration"].update(anomalies_file="../anomalies-x.npy"), "a file name")):
         edited = yaml.safe_load(yaml.safe_dump(card))
         edit(edited)
         (damaged / "card.yaml").write_text(yaml.safe_dump(edited))
@@ -282,8 +255,8 @@ def test_each_sample_is_measured_without_its_own_kernel():
     # fewer than the dimensions (the mixture borrows the kernel), and exactly the samples' own codes below
     centres = rng.normal(3, 0.5, size=(3, 4)).astype(np.float32).astype(np.float64)
     torch.manual_seed(0)
-    detector = Detector(AdversarialAutoencoder(Architecture.for_images(8, 1, 4)), density, None, "mse", "cpu",
-                        anomalies=density.over(centres))
+    detector = Detector(AdversarialAutoencoder(Architecture.for_images(8, 1, 4, extra_convs=0)), density, None,
+                        error_measure="mse", shift_radius=0, kind=AnomalyKind.of(density, [], centres))
     view_codes = centres[None].astype(np.float32)  # one view of the three samples
 
     def log_mean_kernel(queries, points):
@@ -301,17 +274,17 @@ def test_each_sample_is_measured_without_its_own_kernel():
 
 
 def test_the_odds_test_sits_on_the_density_side_at_the_same_height():
-    thresholds = Thresholds(reconstruction=2.0, density=-3.0, reconstruction_scale=1.0, density_scale=1.0,
-                            reconstruction_centre=1.0, density_centre=0.0, calibrated=True, method="test",
-                            anomaly_log_odds=1.0, anomaly_odds_scale=2.0, anomaly_odds_centre=-5.0)
+    thresholds = Thresholds(calibrated=True, method="test", reconstruction=Cut(1.0, 1.0, math.log(2.0)),
+                            density=Cut(0.0, 1.0, 3.0), anomaly_log_odds=OddsScale(-5.0, 2.0))
+    assert (thresholds.reconstruction_cut, thresholds.density_cut, thresholds.odds_cut) == pytest.approx((2.0, -3.0, 1.0))
     errors, log_density = np.array([1.0, 1.0, 1.0, 5.0]), np.array([0.0, -4.0, 0.0, 0.0])
     odds = np.array([0.0, 0.0, 3.0, 3.0])
-    scores = decide(errors, log_density, thresholds, odds)
+    scores = decide(Measurements(errors, log_density, odds), thresholds)
     assert scores.reason.tolist() == ["none", "density", "lookalike", "both"]
     assert scores.anomaly.tolist() == [False, True, True, True]
     assert scores.score[2] == pytest.approx((3.0 - 1.0) / 2.0)  # the odds' excess in its own scale
     with pytest.raises(ValueError, match="anomaly_log_odds"):
-        decide(errors, log_density, thresholds)
+        decide(Measurements(errors, log_density), thresholds)
 
 
 def test_one_anomalous_sample_cleans_the_density_but_makes_no_mixture(contaminated_model, dataset, tmp_path):
@@ -324,7 +297,7 @@ def test_one_anomalous_sample_cleans_the_density_but_makes_no_mixture(contaminat
     assert invoke("calibrate", "--model", copy, "--good", dataset["good"], "--anomalous", one).exit_code == 0
     card = read_card(copy)
     assert card.calibration.anomalies_file is None and card.thresholds.anomaly_log_odds is None
-    assert card.format_version in (2, 3) and not any(name.startswith("anomalies-") for name in card.files)
+    assert not any(name.startswith("anomalies-") for name in card.files)
     table = invoke("evaluate", "--model", copy, "--good", dataset["good"], "--anomalous", anomalous).stdout
     assert "lookalike" not in table and "density" in table
 

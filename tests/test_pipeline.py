@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from aadetect.card import read_card
+from aadetect.store import read_card
 from aadetect.config import TrainConfig
 from aadetect.errors import UserError
 from aadetect.images import find_images, load_images

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from aadetect.config import Architecture, TrainConfig
-from aadetect.train import train_autoencoder
+from aadetect.training import train_autoencoder
 from conftest import SIZE, blob_images
 
 
@@ -32,7 +32,7 @@ def contaminated_set(outliers: int = 8, kind: str = "noise"):
 def test_planted_outliers_are_rejected_and_clean_images_kept(outliers, kind):
     images, planted = contaminated_set(outliers, kind)
     config = TrainConfig(epochs=8, image_size=SIZE, seed=0, patience=100)
-    result = train_autoencoder(images, Architecture.for_images(SIZE, 1, 8), config, "cpu")
+    result = train_autoencoder(images, Architecture.for_images(SIZE, 1, 8, extra_convs=0), config, "cpu")
     planted_in_training = np.intersect1d(planted, result.train_indices)
     assert len(planted_in_training) >= 5
     assert set(planted_in_training) <= set(result.rejected)  # every planted outlier loses its weight
@@ -44,12 +44,12 @@ def test_planted_outliers_are_rejected_and_clean_images_kept(outliers, kind):
 def test_without_robust_nothing_is_rejected():
     images, _ = contaminated_set()
     config = TrainConfig(epochs=3, image_size=SIZE, seed=0, robust=False)
-    result = train_autoencoder(images, Architecture.for_images(SIZE, 1, 8), config, "cpu")
+    result = train_autoencoder(images, Architecture.for_images(SIZE, 1, 8, extra_convs=0), config, "cpu")
     assert len(result.rejected) == 0 and result.history[-1]["rejected"] == 0
 
 
 def test_neighbour_distance_counts_k_others_and_only_kept_ones():
-    from aadetect.train import NEIGHBOURS, neighbour_distance
+    from aadetect.training import NEIGHBOURS, neighbour_distance
 
     rng = np.random.default_rng(3)
     cloud = rng.normal(size=(400, 8))

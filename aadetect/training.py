@@ -155,7 +155,7 @@ def train_autoencoder(images: torch.Tensor, arch: Architecture, config: TrainCon
                                            betas=(0.5, 0.999))
     optimizers = {"reconstruction": reconstruction_optimizer, "discriminator": discriminator_optimizer,
                   "generator": generator_optimizer}
-    loss_measure = "mae" if config.error == "mae" else "mse"
+    loss_measure = "mse"  # whatever the scoring measure: the scaled ones need a trained model first
     weights = torch.ones(len(train_images))
     warmup = max(2, config.epochs // 5)
     state = {"epoch": 0, "best_loss": float("inf"), "best_epoch": 0, "best_model": None, "history": []}
