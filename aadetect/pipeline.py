@@ -301,14 +301,11 @@ def read_samples(path: str | Path, detector: Detector, reporter: Reporter, label
 
 
 def learn_kind(detector: Detector, good_pixels, anomalous_pixels, reporter: Reporter) -> AnomalyKind:
-    """The anomalous samples' kind, from the samples' codes for the unmoved images (as the density's
-    training codes were computed)."""
-    def unmoved_codes(pixels) -> np.ndarray:
-        with exact_math(detector.device):
-            return encode_all(detector.model, pixels, detector.device, "mse")[0].double().numpy()
-
+    """The anomalous samples' kind, from the samples' codes for the unmoved images (the first view; the
+    density's training codes are those of the unmoved images too)."""
     trained = detector.trained_density
-    anomalous_codes, good_codes = unmoved_codes(anomalous_pixels), unmoved_codes(good_pixels)
+    anomalous_codes, good_codes = (detector.encode_views(pixels)[1][0].astype(np.float64)
+                                   for pixels in (anomalous_pixels, good_pixels))
     with reporter.progress("looking for lookalikes", total=trained.n_codes) as advance:
         return learn_anomaly_kind(trained, anomalous_codes, good_codes, on_codes=advance)
 
