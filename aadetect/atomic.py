@@ -11,6 +11,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
+from aadetect.errors import UserError
+
 
 def _umask() -> int:
     """The process's umask: there is no getter, so it is set and put back at once."""
@@ -72,8 +74,6 @@ def staged_directory(target: Path) -> Iterator[Path]:
 def check_writable(path: Path) -> None:
     """UserError naming `path` unless it can be created beside its siblings (its nearest existing
     parent folder takes a new file): asked before long work whose result goes there."""
-    from aadetect.errors import UserError
-
     path = Path(path)
     folder = next((parent for parent in path.parents if parent.exists()), path.parent)
     try:

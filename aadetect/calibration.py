@@ -6,6 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
+from scipy.special import ndtr
 
 from aadetect.card import Cut, OddsScale, Thresholds
 from aadetect.config import TrainConfig
@@ -119,7 +120,6 @@ def _below(cuts: np.ndarray, heights: np.ndarray, bandwidth: float) -> np.ndarra
     """(cuts, samples): 1 where a sample stays under a cut; with a bandwidth, the chance that it does."""
     if bandwidth == 0:
         return (heights[None, :] <= cuts[:, None]).astype(np.float64)
-    from scipy.special import ndtr
 
     return ndtr((cuts[:, None] - heights[None, :]) / bandwidth)
 

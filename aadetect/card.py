@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from aadetect.config import Architecture, TrainConfig
 from aadetect.errors import UserError, first_line
 
@@ -146,14 +148,10 @@ class ModelCard:
         return self.training.settings
 
     def to_yaml(self) -> str:
-        import yaml
-
         return yaml.safe_dump(_plain(dataclasses.asdict(self)), sort_keys=False, allow_unicode=True)
 
     @classmethod
     def from_yaml(cls, text: str, source: str = "card.yaml") -> ModelCard:
-        import yaml
-
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError as exc:

@@ -21,7 +21,7 @@ With ``radius="sqrt"`` the estimator works on each code with its length square-r
 its direction kept (c -> c / sqrt|c|), for fitting and for queries alike: what the code's
 direction says weighs more against its length, which follows contrast and ink.
 
-Neither torch nor scipy is imported at module import time: only ``fit`` needs scipy,
+scipy is imported only when it is needed: only ``fit`` uses it,
 and scoring only needs torch.
 """
 
@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from aadetect.atomic import write_atomic
 from aadetect.config import CODE_RADII
@@ -59,7 +60,6 @@ def map_radius(codes, radius: str):
         return codes
     if radius != "sqrt":
         raise ValueError(f"radius must be one of {', '.join(CODE_RADII)}, got {radius!r}")
-    import torch
 
     tiny = torch.finfo(codes.dtype).tiny
     largest = codes.abs().amax(dim=1, keepdim=True).clamp_min(tiny)  # scaled, so 1e200 neither overflows
@@ -176,8 +176,6 @@ def _log_sum_kernels(block, codes, code_tile: int, tile):
 
     ``tile`` is a scratch buffer of at least len(block) x code_tile float64 values.
     """
-    import torch
-
     total = torch.zeros(len(block), dtype=torch.float64, device=block.device)
     for first in range(0, codes.shape[1], code_tile):
         part = codes[:, first:first + code_tile]
@@ -252,7 +250,6 @@ class KernelDensity:
         """
         codes = _checked_codes(np.asarray(codes, dtype=np.float64))
         if radius != "linear":
-            import torch
 
             codes = map_radius(torch.from_numpy(codes), radius).numpy()
         n, d = codes.shape
@@ -324,8 +321,6 @@ class KernelDensity:
     # ---------------------------------------------------------------- scoring
     def _device_state(self, device: Any):
         """(chol, center, augmented whitened codes (d + 2, n)) on ``device``, computed once per device."""
-        import torch
-
         key = str(device)
         if key not in self._cache:
             chol = torch.from_numpy(self._chol).to(device=device, dtype=torch.float64)
@@ -343,8 +338,6 @@ class KernelDensity:
         A query's value depends only on the query and the batch shape, so the same image
         gets bit-identical numbers in any batch of the same size.
         """
-        import torch
-
         if int(chunk_size) < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
         if isinstance(queries, torch.Tensor):

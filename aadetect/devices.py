@@ -5,13 +5,13 @@ from __future__ import annotations
 import re
 from contextlib import contextmanager
 
+import torch
+
 from aadetect.errors import UserError
 
 
 def resolve_device(name: str) -> str:
     """'auto' picks CUDA when present; an explicit device must exist, or the user is told so."""
-    import torch
-
     name = name.strip().lower()
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -33,8 +33,6 @@ def flush_denormals():
     """Denormal floats as zero, for training only: epochs slowed about 2x as the weights converged
     without it. Scoring, and the KDE and thresholds fitted after training, keep the default float
     handling (set back to it on exit), so a model's numbers do not depend on the process that made them."""
-    import torch
-
     torch.set_flush_denormal(True)
     try:
         yield
@@ -47,8 +45,6 @@ def exact_math(device: str):
     """On CUDA: deterministic cuDNN kernels in full float32 (no TF32). The same seed then gives the
     same model, and GPU scores agree with CPU scores; TF32 convolutions moved far images' log-densities
     by more than 0.1%. Elsewhere a no-op."""
-    import torch
-
     if not str(device).startswith("cuda"):
         yield
         return

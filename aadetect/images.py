@@ -11,14 +11,15 @@ import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Iterator
+from typing import Iterable, Iterator
 
 import numpy as np
+import torch
+from numpy.lib import format as npy
+from PIL import Image, ImageOps, UnidentifiedImageError
+from torch.utils.data import DataLoader
 
 from aadetect.errors import UserError, first_line
-
-if TYPE_CHECKING:
-    import torch
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 ARRAY_SUFFIXES = (".npy", ".npz")
@@ -148,8 +149,6 @@ def _check_shape(name: str, shape: tuple) -> None:
 def _declared_shape(archive, key: str) -> tuple | None:
     """The shape an .npz entry's header declares, read without decompressing its data; None where
     the header cannot be read this way (numpy then reports the problem when it loads the entry)."""
-    from numpy.lib import format as npy
-
     try:
         with archive.zip.open(f"{key}.npy") as member:
             version = npy.read_magic(member)
@@ -210,8 +209,6 @@ def image_mode(ref: ImageRef) -> tuple[int, int, int]:
 
 def decode(ref: ImageRef, size: int, channels: int) -> np.ndarray:
     """Pixels as uint8 (channels, size, size): the model's input, identical for train and score."""
-    from PIL import Image
-
     if ref.index is not None:
         array = _read_array(ref.path, ref.shown)
         if ref.index >= len(array):
@@ -232,8 +229,6 @@ def decode(ref: ImageRef, size: int, channels: int) -> np.ndarray:
 
 
 def _open(ref: ImageRef):
-    from PIL import Image, UnidentifiedImageError
-
     path = ref.path
     try:
         with warnings.catch_warnings():
@@ -283,16 +278,12 @@ def _is_empty(path: Path) -> bool:
 
 def _upright(image):
     """Apply the EXIF orientation in place: most images have none, and a copy of each costs time."""
-    from PIL import ImageOps
-
     ImageOps.exif_transpose(image, in_place=True)
     return image
 
 
 def _finish(image, size: int, channels: int) -> np.ndarray:
     """Convert to L or RGB (16-bit scaled, alpha dropped), resize, and lay out as (C, H, W)."""
-    from PIL import Image
-
     if image.mode.startswith("I") or image.mode == "F":
         values = np.asarray(image)
         if image.mode == "I" and image.format == "PNG":  # Pillow before 11 opens 16-bit PNGs as 32-bit "I"
@@ -367,8 +358,6 @@ class DecodedImages:
 
 
 def _collate(items: list[tuple[int, np.ndarray | None, str | None]]) -> Batch:
-    import torch
-
     good = [(i, pixels) for i, pixels, _ in items if pixels is not None]
     pixels = torch.from_numpy(np.stack([p for _, p in good])) if good else None
     return Batch([i for i, _ in good], pixels, [(i, e) for i, _, e in items if e is not None])
@@ -381,8 +370,6 @@ def iterate_batches(refs: list[ImageRef], size: int, channels: int, batch_size: 
     With nothing else running (decoding the training set), two workers; callers whose own work
     needs the cores too pass `workers` (see `scoring.decoding_workers`).
     """
-    from torch.utils.data import DataLoader
-
     if workers is None:
         workers = 0 if len(refs) < 4 * batch_size else min(2, os.cpu_count() or 1)
     yield from DataLoader(DecodedImages(refs, size, channels), batch_size=batch_size, shuffle=False,
@@ -390,13 +377,11 @@ def iterate_batches(refs: list[ImageRef], size: int, channels: int, batch_size: 
 
 
 def load_images(refs: list[ImageRef], size: int, channels: int, *, strict: bool = False,
-                on_batch=None, keep: bool = True) -> tuple["torch.Tensor", list[ImageRef], list[str]]:
+                on_batch=None, keep: bool = True) -> tuple[torch.Tensor, list[ImageRef], list[str]]:
     """Decode every image once into one uint8 tensor; unreadable ones are skipped (or fatal if strict).
 
     With keep=False the pixels are checked and dropped (for data read from disk later).
     """
-    import torch
-
     parts, kept, errors = [], [], []
     for batch in iterate_batches(refs, size, channels, batch_size=256):
         if strict and batch.errors:
@@ -431,12 +416,10 @@ class ImagesOnDisk:
     def pin_memory(self) -> ImagesOnDisk:
         return self
 
-    def materialize(self) -> "torch.Tensor":
-        import torch
-
+    def materialize(self) -> torch.Tensor:
         return torch.from_numpy(np.stack([decode(ref, self.size, self.channels) for ref in self.refs]))
 
 
-def materialize(pixels) -> "torch.Tensor":
+def materialize(pixels) -> torch.Tensor:
     """A uint8 tensor, whether the images are held in memory or read from disk."""
     return pixels.materialize() if isinstance(pixels, ImagesOnDisk) else pixels

@@ -32,6 +32,9 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+import torch
+
+from aadetect.density import map_radius
 
 MAX_CLAIMED = 0.1  # of the training codes
 MAX_ROUNDS = 50
@@ -46,9 +49,7 @@ def find_lookalikes(density, anomalous_codes, good_codes, *, on_codes=None) -> n
     radius (applied here, as to any query). `on_codes(count)` is told as the kernel sums over all pairs
     of training codes, the slow part, progress.
     """
-    import torch
 
-    from aadetect.density import map_radius
 
     covariance = torch.from_numpy(np.array(density.covariance))
     cholesky = torch.linalg.cholesky(covariance)
@@ -150,9 +151,7 @@ class AnomalyKind:
 def learn_anomaly_kind(trained, anomalous_codes, good_codes, *, on_codes=None) -> AnomalyKind:
     """What the labelled samples say about their kind; `anomalous_codes` and `good_codes` are the samples'
     codes for the unmoved images, as the density's training codes were computed."""
-    import torch
 
-    from aadetect.density import map_radius
 
     lookalikes = find_lookalikes(trained, anomalous_codes, good_codes, on_codes=on_codes)
     centres = None

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import numpy as np
+from scipy.stats import mannwhitneyu
 
 
 def auroc(good_scores: np.ndarray, anomalous_scores: np.ndarray) -> float:
     """P(score of an anomaly > score of a good image), ties counted half: the Mann-Whitney U statistic."""
-    from scipy.stats import mannwhitneyu
-
     good_scores, anomalous_scores = np.asarray(good_scores), np.asarray(anomalous_scores)
     if len(good_scores) == 0 or len(anomalous_scores) == 0:
         return float("nan")

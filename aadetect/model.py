@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from aadetect.config import SCALED_MEASURES, Architecture
+from aadetect.images import materialize
 
 
 def refinement(width: int, count: int, activation) -> list[nn.Module]:
@@ -162,8 +163,6 @@ def residual_scale(model: AdversarialAutoencoder, images, device: torch.device |
 
 def to_input(pixels: torch.Tensor, device: torch.device | str) -> torch.Tensor:
     """uint8 (B,C,H,W) pixels to the model's float input in [0, 1], channels_last for fast CPU convolutions."""
-    from aadetect.images import materialize
-
     images = materialize(pixels).to(device, non_blocking=True).float().div_(255.0)
     return images.contiguous(memory_format=torch.channels_last)
 

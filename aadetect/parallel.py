@@ -12,6 +12,8 @@ from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any, Iterator
 
+import torch
+
 
 class InlineExecutor(Executor):
     """Runs each piece at once, in the caller's thread: one thread, or a GPU that runs its own."""
@@ -33,8 +35,6 @@ def piece_pool(device: Any) -> Iterator[tuple[Executor, int]]:
     and the caller's own torch operations run on one thread meanwhile (restored on exit).
     Elsewhere: the pieces run inline, one at a time.
     """
-    import torch
-
     threads = torch.get_num_threads()
     if torch.device(device).type != "cpu" or threads == 1:
         yield InlineExecutor(), 1

@@ -16,10 +16,14 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
+import torch
 
+from aadetect import store
 from aadetect.card import Thresholds
+from aadetect.devices import exact_math, resolve_device
 from aadetect.errors import UserError
 from aadetect.images import ImageRef, ImagesOnDisk, iterate_batches, materialize
+from aadetect.model import reconstruction_error, shifted_views, to_input
 from aadetect.parallel import piece_pool
 
 # Every forward pass sees a batch of exactly this many images (the last one padded), so an
@@ -100,7 +104,6 @@ class Detector:
 
     def __init__(self, model, density, thresholds: Thresholds, *, error_measure: str, shift_radius: int,
                  device: str = "cpu", kind=None):
-        import torch
 
         self.model = model.to(device).eval()
         self.trained_density = density
@@ -127,9 +130,6 @@ class Detector:
         >>> scores.score.shape, scores.anomaly.dtype.name, unreadable
         ((12,), 'bool', [])
         """
-        from aadetect import store
-        from aadetect.devices import resolve_device
-
         model_dir = Path(model_dir)
         card = store.read_card(model_dir)
         device = resolve_device(device)
@@ -176,8 +176,6 @@ class Detector:
     def log_densities(self, view_codes, mixture=None) -> tuple[np.ndarray, np.ndarray | None]:
         """Log-density (mean density over the views) and, with a mixture of the anomalous kind (default:
         the detector's), the log-odds of that kind, for codes (views, N, d) as `encode_views` gives them."""
-        import torch
-
         mixture = self.mixture if mixture is None else mixture
         view_codes = torch.as_tensor(view_codes)
         views, count = view_codes.shape[:2]
@@ -194,8 +192,6 @@ class Detector:
     def _checked_pixels(self, pixels):
         """Images as the model takes them, or a plain error: float pixels in [0, 1] would otherwise be
         divided by 255 again and score nonsense, and a wrong shape fail deep inside torch."""
-        import torch
-
         expected = (self.channels, self.image_size, self.image_size)
         wanted = f"uint8 pixels (0-255) shaped (N, {', '.join(map(str, expected))}), as load_images gives"
         if isinstance(pixels, ImagesOnDisk):  # decoded on demand, at the size it was made for
@@ -224,10 +220,7 @@ class Detector:
         (`shifted_views`), so a good image drawn a pixel off-centre is not held against it; the
         reconstruction error is the unmoved image's.
         """
-        import torch
 
-        from aadetect.devices import exact_math
-        from aadetect.model import reconstruction_error, shifted_views, to_input
 
         with torch.inference_mode(), exact_math(self.device):  # thread-local: entered in the worker
             chunk = materialize(pixels)
@@ -244,9 +237,7 @@ class Detector:
     def _measure_batch(self, pixels) -> Measurements:
         """`_encode_batch`, then the densities over the whole padded batch, so that an image gets the same
         numbers alone or in a folder."""
-        import torch
 
-        from aadetect.devices import exact_math
 
         errors, codes = self._encode_batch(pixels, padded=True)
         with torch.inference_mode(), exact_math(self.device):

@@ -7,16 +7,22 @@ Every file is read without unpickling and checked against the card's checksum be
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import os
+import pickle
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from aadetect.atomic import check_writable, staged_directory, write_atomic, write_text_atomic
 from aadetect.card import ANOMALIES_PREFIX, ModelCard
+from aadetect.density import KernelDensity
 from aadetect.errors import UserError, first_line
+from aadetect.lookalikes import AnomalyKind
+from aadetect.model import AdversarialAutoencoder
 
 CARD_FILE = "card.yaml"
 WEIGHTS_FILE = "weights.pt"
@@ -79,9 +85,7 @@ def read_names(path: Path) -> list[str]:
 def save_trained(model_dir: Path, card: ModelCard, model, density, *, validation: list[str], rejected: list[str],
                  density_images: list[str], held_out_errors: np.ndarray, held_out_codes: np.ndarray) -> ModelCard:
     """Write a trained model's folder whole, replacing any model there; returns the card with its checksums."""
-    import dataclasses
 
-    import torch
 
     with staged_directory(model_dir) as staging:
         torch.save(model.state_dict(), staging / WEIGHTS_FILE)
@@ -99,8 +103,6 @@ def save_calibration(model_dir: Path, previous: ModelCard, card: ModelCard, cent
     """Write a calibration over the card `previous`: the anomalous samples' kernel centres (if any) under
     a name made from their content, so the card in force never names a file being rewritten, then the
     card, then the list of lookalikes (the card decides; the list only reports it). Returns the card."""
-    import dataclasses
-
     names = read_names(model_dir / DENSITY_IMAGES_FILE) if card.calibration.lookalike_codes else []
     if names and len(names) != card.density.n_codes:
         raise UserError(f"{model_dir / DENSITY_IMAGES_FILE}: lists {len(names)} images for the density's "
@@ -142,11 +144,8 @@ def checked_file(model_dir: Path, name: str, card: ModelCard) -> Path:
 
 def load_model(model_dir: Path, card: ModelCard, device: str):
     """Rebuild the networks from the card, then load the weights without unpickling code."""
-    import pickle
 
-    import torch
 
-    from aadetect.model import AdversarialAutoencoder
 
     path = checked_file(model_dir, WEIGHTS_FILE, card)
     try:
@@ -170,8 +169,6 @@ def load_model(model_dir: Path, card: ModelCard, device: str):
 
 def load_density(model_dir: Path, card: ModelCard):
     """The density as trained (every training code it was fitted on)."""
-    from aadetect.density import KernelDensity
-
     path = checked_file(model_dir, DENSITY_FILE, card)
     try:
         density = KernelDensity.load(path)
@@ -190,8 +187,6 @@ def load_density(model_dir: Path, card: ModelCard):
 def load_anomaly_kind(model_dir: Path, card: ModelCard, trained):
     """What the card's calibration learnt from its anomalous samples (`trained`: the density as trained),
     or None for a model calibrated without them."""
-    from aadetect.lookalikes import AnomalyKind
-
     if card.calibration is None or (not card.calibration.lookalike_codes and card.calibration.anomalies_file is None):
         return None
     centres = None

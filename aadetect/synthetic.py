@@ -23,6 +23,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 __all__ = ["draw_cells", "write_demo_dataset"]
 
@@ -308,8 +309,6 @@ def _split_seed(seed: int, tag: int) -> int:
 
 
 def _write_pngs(folder: Path, images: np.ndarray) -> None:
-    from PIL import Image
-
     folder.mkdir(parents=True, exist_ok=True)
     for stale in folder.glob("cell_*.png"):  # leftovers of an earlier, larger run
         stale.unlink()
