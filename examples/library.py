@@ -7,10 +7,8 @@ It uses the built-in generated cell images, so it needs no data of its own.
 from pathlib import Path
 import tempfile
 
-from aadetect.config import TrainConfig
+from aadetect import Detector, TrainConfig, calibrate, evaluate, train
 from aadetect.images import find_images, load_images
-from aadetect.pipeline import calibrate_detector, evaluate_detector, train_detector
-from aadetect.scoring import Detector
 from aadetect.synthetic import write_demo_dataset
 
 
@@ -19,12 +17,12 @@ def walk_through(work: Path) -> None:
     folders = write_demo_dataset(work / "data", seed=1, n_train=600, n_calibrate=15, n_test=50)
 
     # 1. Train: one typed config object, the same one the CLI builds and the card records.
-    summary = train_detector(folders["train"], TrainConfig(epochs=10, image_size=32, device="cpu"), work / "model")
-    print("trained on", summary.card.data.image_count, "images;", summary.card.data.rejected_count, "rejected")
+    card = train(folders["train"], work / "model", TrainConfig(epochs=10, image_size=32, device="cpu"))
+    print("trained on", card.data.image_count, "images;", card.data.rejected_count, "rejected")
 
     # 2. Calibrate both thresholds from a few labelled samples.
-    card = calibrate_detector(work / "model", folders["calibrate_good"], folders["calibrate_anomalous"])
-    print("thresholds:", card.thresholds.reconstruction, card.thresholds.density)
+    card = calibrate(work / "model", folders["calibrate_good"], folders["calibrate_anomalous"])
+    print("thresholds:", card.thresholds.reconstruction_cut, card.thresholds.density_cut)
 
     # 3. Score decoded images directly (PyOD-style: decision_function / predict).
     detector = Detector.load(work / "model", device="cpu")
@@ -40,7 +38,7 @@ def walk_through(work: Path) -> None:
         print(ref.name, row if error is None else error)
 
     # 5. Evaluate on labelled folders: the same numbers `aadetect evaluate --format json` prints.
-    report = evaluate_detector(work / "model", folders["test_good"], folders["test_anomalous"])
+    report = evaluate(work / "model", folders["test_good"], folders["test_anomalous"])
     print("AUROC", report["auroc"], "balanced accuracy", round(report["balanced_accuracy"], 3))
 
 
