@@ -57,6 +57,7 @@ Objective = Enum("Objective", {objective: objective for objective in OBJECTIVES}
 ModelOption = Annotated[Path, typer.Option("--model", "-m", envvar="AADETECT_MODEL",
                                            help="Model folder written by `train` (env: AADETECT_MODEL).")]
 DeviceOption = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N. auto picks CUDA when present.")]
+GoodOption = Annotated[Path, typer.Option(help="Folder of labelled good images.")]
 QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or notes on stderr.")]
 
 
@@ -209,7 +210,7 @@ def train(
     "aadetect calibrate --good labelled/good --target-fpr 0.01 --format json"))
 @user_errors
 def calibrate(
-    good: Annotated[Path, typer.Option(help="Folder of labelled good images.")],
+    good: GoodOption,
     anomalous: Annotated[Optional[Path], typer.Option(help="Folder of labelled anomalous images.")] = None,
     model: ModelOption = Path(DEFAULT_MODEL),
     objective: Annotated[Objective, typer.Option(help="What the joint threshold search maximises.")]
@@ -296,7 +297,7 @@ def score(
     "aadetect evaluate --good test/good --anomalous test/bad --format json | jq .auroc"))
 @user_errors
 def evaluate(
-    good: Annotated[Path, typer.Option(help="Folder of labelled good images.")],
+    good: GoodOption,
     anomalous: Annotated[Path, typer.Option(help="Folder of labelled anomalous images.")],
     model: ModelOption = Path(DEFAULT_MODEL),
     format: Annotated[ReportFormat, typer.Option("--format", "-f", help="Output format.")] = ReportFormat.table,
