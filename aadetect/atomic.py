@@ -35,7 +35,8 @@ def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
         mode = 0o666 & ~_umask()
     temp = None
     try:
-        handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        # the writer's pid in the name: `remove_abandoned` can tell a killed writer's leftovers from a live one's
+        handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}-", suffix=".tmp", dir=path.parent)
         os.close(handle)
         temp = Path(temp_name)
         os.chmod(temp, mode)
@@ -44,7 +45,7 @@ def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
             os.fsync(written.fileno())
         os.replace(temp, path)
     except OSError as error:
-        if error.filename is not None and Path(error.filename) in (temp, path.parent):
+        if error.filename is None or Path(error.filename) in (temp, path.parent):  # a full disk names no file
             raise OSError(error.errno, error.strerror, str(path)) from None
         raise
     finally:
@@ -54,6 +55,12 @@ def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
 
 def write_text_atomic(path: Path, text: str) -> None:
     write_atomic(path, lambda temp: temp.write_text(text, encoding="utf-8"))
+
+
+def write_bytes_atomic(path: Path, content: bytes) -> None:
+    """Serialise first, then write: a full disk is then an OSError that names `path` (torch's own zip
+    writer says only that it failed)."""
+    write_atomic(path, lambda temp: temp.write_bytes(content))
 
 
 @contextmanager
@@ -84,11 +91,26 @@ def check_writable(path: Path) -> None:
 
 
 def remove_abandoned(target: Path) -> None:
-    """Delete staging folders left beside `target` by writers that were killed (their process is gone)."""
-    for leftover in target.parent.glob(f".{glob.escape(target.name)}.staging-*"):
+    """Delete what writers that were killed (their process is gone) left beside `target`: staging folders
+    and temp files of our own naming (`.NAME.staging-PID-*`, `.NAME.PID-*.tmp`)."""
+    name = glob.escape(target.name)
+    for leftover in target.parent.glob(f".{name}.staging-*"):
         pid = leftover.name.rsplit(".staging-", 1)[1].split("-", 1)[0]
-        if pid.isdigit() and not _process_alive(int(pid)):
+        if pid.isdigit() and not _process_alive(int(pid)) and not leftover.is_symlink():
             shutil.rmtree(leftover, ignore_errors=True)
+    _remove_dead_writers_temp_files(target.parent.glob(f".{name}.*-*.tmp"))
+
+
+def remove_abandoned_temp_files(folder: Path) -> None:
+    """Delete the temp files that killed writers left in `folder`."""
+    _remove_dead_writers_temp_files(folder.glob(".*.*-*.tmp"))
+
+
+def _remove_dead_writers_temp_files(paths) -> None:
+    for leftover in paths:  # .NAME.PID-RANDOM.tmp, as `write_atomic` names them
+        pid = leftover.name.removesuffix(".tmp").rsplit("-", 1)[0].rsplit(".", 1)[-1]
+        if pid.isdigit() and not _process_alive(int(pid)) and not leftover.is_dir():
+            leftover.unlink(missing_ok=True)
 
 
 def _process_alive(pid: int) -> bool:

@@ -27,6 +27,7 @@ and scoring only needs torch.
 
 from __future__ import annotations
 
+import io
 import math
 import threading
 import zipfile
@@ -433,20 +434,17 @@ class KernelDensity:
 
     def save(self, path: Path) -> None:
         """Write an ``.npz`` (no pickles) atomically: a temp file beside ``path``, then os.replace."""
-        path = Path(path)
-        state = self.state_dict()
-        arrays = {
-            "codes": np.asarray(state["codes"], dtype=np.float64),
-            "covariance": np.asarray(state["covariance"], dtype=np.float64),
-            "bandwidth": np.asarray(state["bandwidth"], dtype=np.str_),
-            "factor": np.asarray(state["factor"], dtype=np.float64),
-            "radius": np.asarray(state["radius"], dtype=np.str_),
-        }
-        def write(temp: Path) -> None:
-            with open(temp, "wb") as handle:  # a handle, so numpy adds no .npz suffix
-                np.savez(handle, **arrays)
+        write_atomic(Path(path), lambda temp: temp.write_bytes(self.to_bytes()))
 
-        write_atomic(path, write)
+    def to_bytes(self) -> bytes:
+        """The ``.npz`` that ``save`` writes, as bytes."""
+        state = self.state_dict()
+        buffer = io.BytesIO()
+        np.savez(buffer, codes=np.asarray(state["codes"], dtype=np.float64),
+                 covariance=np.asarray(state["covariance"], dtype=np.float64),
+                 bandwidth=np.asarray(state["bandwidth"], dtype=np.str_),
+                 factor=np.asarray(state["factor"], dtype=np.float64), radius=np.asarray(state["radius"], dtype=np.str_))
+        return buffer.getvalue()
 
     @classmethod
     def load(cls, path: Path) -> "KernelDensity":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -13,7 +14,7 @@ import numpy as np
 import torch
 
 from aadetect import __version__, store
-from aadetect.atomic import check_writable, write_atomic
+from aadetect.atomic import check_writable
 from aadetect.calibration import choose_thresholds, default_thresholds
 from aadetect.card import Calibration, DataInfo, DensityInfo, ModelCard, TrainingInfo
 from aadetect.config import AUTO, OBJECTIVES, SCALED_MEASURES, Architecture, TrainConfig, check_fraction
@@ -49,12 +50,17 @@ def train(data: str | Path, out: str | Path = "aadetect-model", config: TrainCon
     (120, False)
     """
     config = config or TrainConfig()
-    reporter = reporter or Reporter()
     device = resolve_device(config.device)
     data, model_dir = Path(data), store.resolved(out)
-    store.check_output_dir(model_dir)
-    started = time.perf_counter()
+    store.check_output_dir(model_dir, data)  # before anything is written, even the lock
+    with store.writing(model_dir):
+        store.check_output_dir(model_dir, data)  # as it is now that no other writer changes it
+        return _train_into(model_dir, data, config, device, resume, reporter or Reporter())
 
+
+def _train_into(model_dir: Path, data: Path, config: TrainConfig, device: str, resume: bool,
+                reporter: Reporter) -> ModelCard:
+    started = time.perf_counter()
     pixels, refs, skipped = read_training_images(data, config, reporter)
     data_sha256 = fingerprint(refs, data)
     checkpoint_file = store.checkpoint_path(model_dir)
@@ -65,7 +71,7 @@ def train(data: str | Path, out: str | Path = "aadetect-model", config: TrainCon
     resume_from = _read_checkpoint(checkpoint_file, identity) if resume else None
 
     def save_checkpoint(state: dict) -> None:
-        write_atomic(checkpoint_file, lambda temp: torch.save({**state, "identity": identity}, temp))
+        store.save_checkpoint(checkpoint_file, {**state, "identity": identity})
 
     train_count = len(refs) - validation_size(len(refs), config.validation_fraction)
     with reporter.progress("training", total=config.epochs * train_count) as advance:
@@ -222,10 +228,12 @@ def fit_detector(pixels, config: TrainConfig, *, device: str | None = None, on_s
 
 
 def _read_checkpoint(path: Path, identity: dict) -> dict:
-    if not path.exists():
-        raise UserError(f"{path}: no checkpoint to resume from")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        content = store.read_bytes(path, store.FILE_LIMIT, "a checkpoint")
+    except FileNotFoundError:
+        raise UserError(f"{path}: no checkpoint to resume from") from None
+    try:
+        state = torch.load(io.BytesIO(content), map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for damaged files
         raise UserError(f"{path}: cannot read checkpoint ({first_line(exc)})") from None
     if not isinstance(state, dict):
@@ -257,32 +265,33 @@ def calibrate(model: str | Path, good: str | Path, anomalous: str | Path | None 
         raise UserError(f"--objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
     if target_fpr is not None:
         check_fraction("--target-fpr", target_fpr)
-    model_dir = Path(model)
-    card = store.read_card(model_dir)
-    check_writable(model_dir / store.CARD_FILE)  # rewritten at the end: find out before measuring
-    detector = Detector.load(model_dir, device, as_trained=True)
-    good_pixels = read_samples(good, detector, reporter, "good")
-    anomalous_pixels = read_samples(anomalous, detector, reporter, "anomalous") if anomalous else None
-    kind = None
-    if anomalous_pixels is not None and not one_class:
-        kind = learn_kind(detector, good_pixels, anomalous_pixels, reporter)
-        detector = detector.with_kind(kind)
-    good_measured = detector.measure(good_pixels)
-    anomalous_measured = measure_anomalous(detector, anomalous_pixels) if anomalous_pixels is not None else None
-    held_out = detector.measure_codes(*store.load_held_out(model_dir, card)) if anomalous_measured else None
-    if target_fpr is None and anomalous_measured is None:  # recorded as the budget the model was trained for
-        target_fpr = card.settings.target_fpr
-    result = choose_thresholds(card.thresholds, good_measured, anomalous_measured, held_out=held_out,
-                               objective=objective, target_fpr=target_fpr, default_fpr=card.settings.target_fpr)
-    for warning in result.warnings:
-        reporter.warn(warning)
-    calibration = Calibration(
-        created=now(), objective=objective, target_fpr=target_fpr, good_count=len(good_measured),
-        anomalous_count=len(anomalous_measured) if anomalous_measured else 0, good_path=str(Path(good).resolve()),
-        anomalous_path=str(Path(anomalous).resolve()) if anomalous else None, metrics=result.metrics,
-        warnings=result.warnings, lookalike_codes=list(kind.lookalikes) if kind else [], anomalies_file=None)
-    calibrated = dataclasses.replace(card, thresholds=result.thresholds, calibration=calibration)
-    calibrated = store.save_calibration(model_dir, card, calibrated, kind.centres if kind else None)
+    model_dir, device = Path(model), resolve_device(device)
+    with store.writing(model_dir):  # the card read here is the one replaced: no other writer in between
+        stored = store.read_model(model_dir, device, as_trained=True)
+        card, detector = stored.card, Detector.of(stored, device)
+        check_writable(model_dir / store.CARD_FILE)  # rewritten at the end: find out before measuring
+        good_pixels = read_samples(good, detector, reporter, "good")
+        anomalous_pixels = read_samples(anomalous, detector, reporter, "anomalous") if anomalous else None
+        kind = None
+        if anomalous_pixels is not None and not one_class:
+            kind = learn_kind(detector, good_pixels, anomalous_pixels, reporter)
+            detector = detector.with_kind(kind)
+        good_measured = detector.measure(good_pixels)
+        anomalous_measured = measure_anomalous(detector, anomalous_pixels) if anomalous_pixels is not None else None
+        held_out = detector.measure_codes(*store.load_held_out(model_dir, card)) if anomalous_measured else None
+        if target_fpr is None and anomalous_measured is None:  # recorded as the budget the model was trained for
+            target_fpr = card.settings.target_fpr
+        result = choose_thresholds(card.thresholds, good_measured, anomalous_measured, held_out=held_out,
+                                   objective=objective, target_fpr=target_fpr, default_fpr=card.settings.target_fpr)
+        for warning in result.warnings:
+            reporter.warn(warning)
+        calibration = Calibration(
+            created=now(), objective=objective, target_fpr=target_fpr, good_count=len(good_measured),
+            anomalous_count=len(anomalous_measured) if anomalous_measured else 0, good_path=str(Path(good).resolve()),
+            anomalous_path=str(Path(anomalous).resolve()) if anomalous else None, metrics=result.metrics,
+            warnings=result.warnings, lookalike_codes=list(kind.lookalikes) if kind else [], anomalies_file=None)
+        calibrated = dataclasses.replace(card, thresholds=result.thresholds, calibration=calibration)
+        calibrated = store.save_calibration(model_dir, card, calibrated, kind.centres if kind else None)
     if kind and kind.lookalikes:
         reporter.info(f"left {len(kind.lookalikes)} of the {card.density.n_codes} training images out of the "
                       f"density: they look like the anomalous samples (listed in {model_dir / store.LOOKALIKES_FILE})")

@@ -130,15 +130,18 @@ class Detector:
         >>> scores.score.shape, scores.anomaly.dtype.name, unreadable
         ((12,), 'bool', [])
         """
-        model_dir = Path(model_dir)
-        card = store.read_card(model_dir)
         device = resolve_device(device)
-        trained = store.load_density(model_dir, card)
-        kind = None if as_trained else store.load_anomaly_kind(model_dir, card, trained)
-        thresholds = dataclasses.replace(card.thresholds, anomaly_log_odds=None) if as_trained else card.thresholds
-        return cls(store.load_model(model_dir, card, device), trained, thresholds,
-                   error_measure=card.settings.error, shift_radius=card.settings.shift_radius, device=device,
-                   kind=kind)
+        return cls.of(store.read_model(Path(model_dir), device, as_trained=as_trained), device)
+
+    @classmethod
+    def of(cls, stored: store.StoredModel, device: str) -> Detector:
+        """The detector of a model read from its folder (`store.read_model`)."""
+        card, kind = stored.card, stored.kind
+        thresholds = card.thresholds
+        if kind is None or kind.mixture is None:  # read as trained: nothing to measure the odds with
+            thresholds = dataclasses.replace(thresholds, anomaly_log_odds=None)
+        return cls(stored.model, stored.density, thresholds, error_measure=card.settings.error,
+                   shift_radius=card.settings.shift_radius, device=device, kind=kind)
 
     def with_kind(self, kind) -> Detector:
         """The same networks and trained density, with another anomalous kind (None: none)."""

@@ -1,23 +1,35 @@
 """The model folder: its file names, checksums, and how it is written and read.
 
 `train` writes the whole folder beside its final place and renames it into place (`save_trained`);
-`calibrate` writes a new card and its companions (`save_calibration`), each file atomically.
-Every file is read without unpickling and checked against the card's checksum before use.
+`calibrate` writes a new card and its companions (`save_calibration`), each file atomically. Writers
+of one folder take turns (`writing`, an advisory lock beside it).
+
+Every file is read once, only if it is a regular file, within a size fitting its kind, and checked
+against the card's checksum before it is parsed (without unpickling); arrays are checked against the
+shapes the card implies before they are decompressed. A reader that meets a folder being replaced
+reads it again (`read_model`), so it gets one whole generation.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import hashlib
 import io
 import os
 import pickle
+import stat
+import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import BinaryIO, Iterator
 
 import numpy as np
 import torch
+from numpy.lib import format as npy
 
-from aadetect.atomic import check_writable, staged_directory, write_atomic, write_text_atomic
+from aadetect.atomic import (check_writable, remove_abandoned, remove_abandoned_temp_files, staged_directory,
+                             write_bytes_atomic, write_text_atomic)
 from aadetect.card import ANOMALIES_PREFIX, ModelCard
 from aadetect.density import KernelDensity
 from aadetect.errors import UserError, first_line
@@ -33,123 +45,132 @@ REJECTED_FILE = "rejected.txt"
 DENSITY_IMAGES_FILE = "density_images.txt"  # the training images behind the density's codes, in order
 LOOKALIKES_FILE = "lookalikes.txt"
 CHECKED_FILES = (WEIGHTS_FILE, DENSITY_FILE, HELD_OUT_FILE)  # plus the anomalies file, where there is one
+NAMED_FILES = (CARD_FILE, *CHECKED_FILES, VALIDATION_FILE, REJECTED_FILE, DENSITY_IMAGES_FILE, LOOKALIKES_FILE)
+
+CARD_LIMIT = 1 << 20  # a card is kilobytes; a long list of skipped files may make it more
+NAMES_LIMIT = 256 << 20  # a line per training image
+FILE_LIMIT = 4 << 30  # weights, density and held-out codes of the largest sensible model
+MAX_ANOMALOUS_SAMPLES = 100_000
+LOCK_WAIT_SECONDS = 30.0  # a calibration takes seconds; a training that long holds the lock on purpose
+READ_ATTEMPTS = 3  # a reader that meets a folder being replaced reads the new one
+
+
+# ------------------------------------------------------------------------------------------- reading
+
+def open_regular(path: Path) -> BinaryIO:
+    """`path` opened for reading if it is a regular file (or a link to one): a FIFO would hang a reader,
+    a device never end. FileNotFoundError where there is nothing."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO opens at once without a writer, then is refused
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise UserError(f"{path}: not a regular file (a device, FIFO, socket or folder)")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def read_bytes(path: Path, limit: int, what: str) -> bytes:
+    """A regular file's bytes, up to `limit` of them (more is refused before it is read)."""
+    with open_regular(path) as handle:
+        size = os.fstat(handle.fileno()).st_size
+        if size > limit:
+            raise UserError(f"{path}: {size:,} bytes, too large for {what} (at most {limit:,})")
+        content = handle.read(limit + 1)
+    if len(content) > limit:  # grew while read
+        raise UserError(f"{path}: too large for {what} (at most {limit:,} bytes)")
+    return content
 
 
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as handle:
+    with open_regular(path) as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
 
 
-def checkpoint_path(model_dir: Path) -> Path:
-    return model_dir.with_name(model_dir.name + ".checkpoint.pt")
-
-
-def check_output_dir(model_dir: Path) -> None:
-    """Never replace a folder that is not an aadetect model: it may hold the user's data. And find
-    out now, not after training, when the model cannot be written where it should go."""
-    if model_dir.exists() and (not model_dir.is_dir() or
-                               (any(model_dir.iterdir()) and not (model_dir / CARD_FILE).exists())):
-        raise UserError(f"{model_dir}: exists and is not an aadetect model folder; choose another --out")
-    check_writable(model_dir)
-
-
 def read_card(model_dir: Path) -> ModelCard:
     path = Path(model_dir) / CARD_FILE
     try:
-        text = path.read_text(encoding="utf-8")
+        content = read_bytes(path, CARD_LIMIT, "a model card")
     except FileNotFoundError:
         raise UserError(f"{path}: no model card here (train a model first, or pass --model)") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UserError(f"{path}: cannot read model card ({exc})") from None
-    return ModelCard.from_yaml(text, str(path))
-
-
-def write_names(path: Path, names: list[str], *, atomic: bool = False) -> None:
-    """One file name a line, as the bytes the file system gave (a name need not be UTF-8 on Linux)."""
-    def write(target: Path) -> None:
-        target.write_text("".join(name + "\n" for name in names), encoding="utf-8", errors="surrogateescape")
-
-    if atomic:
-        write_atomic(path, write)
-    else:
-        write(path)
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read model card ({exc.strerror or exc})") from None
+    try:
+        text = content.decode("utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not a model card (not UTF-8 text)") from None
+    card = ModelCard.from_yaml(text, str(path))
+    anomalies_file = card.calibration.anomalies_file if card.calibration else None
+    expected = {*CHECKED_FILES, *([anomalies_file] if anomalies_file else [])}
+    if set(card.files) != expected:
+        raise UserError(f"{path}: files must list exactly {', '.join(sorted(expected))}")
+    if not all(len(digest) == 64 and all(c in "0123456789abcdef" for c in digest) for digest in card.files.values()):
+        raise UserError(f"{path}: files must give each file's sha256 as 64 hex digits")
+    return card
 
 
 def read_names(path: Path) -> list[str]:
-    return path.read_text(encoding="utf-8", errors="surrogateescape").splitlines()
+    return read_bytes(path, NAMES_LIMIT, "a list of file names").decode("utf-8", "surrogateescape").splitlines()
 
 
-def save_trained(model_dir: Path, card: ModelCard, model, density, *, validation: list[str], rejected: list[str],
-                 density_images: list[str], held_out_errors: np.ndarray, held_out_codes: np.ndarray) -> ModelCard:
-    """Write a trained model's folder whole, replacing any model there; returns the card with its checksums."""
-
-
-    with staged_directory(model_dir) as staging:
-        torch.save(model.state_dict(), staging / WEIGHTS_FILE)
-        density.save(staging / DENSITY_FILE)
-        np.savez(staging / HELD_OUT_FILE, view_codes=held_out_codes, reconstruction_error=held_out_errors)
-        write_names(staging / VALIDATION_FILE, validation)
-        write_names(staging / REJECTED_FILE, rejected)
-        write_names(staging / DENSITY_IMAGES_FILE, density_images)
-        card = dataclasses.replace(card, files={name: sha256_file(staging / name) for name in CHECKED_FILES})
-        write_text_atomic(staging / CARD_FILE, card.to_yaml())
-    return card
-
-
-def save_calibration(model_dir: Path, previous: ModelCard, card: ModelCard, centres: np.ndarray | None) -> ModelCard:
-    """Write a calibration over the card `previous`: the anomalous samples' kernel centres (if any) under
-    a name made from their content, so the card in force never names a file being rewritten, then the
-    card, then the list of lookalikes (the card decides; the list only reports it). Returns the card."""
-    names = read_names(model_dir / DENSITY_IMAGES_FILE) if card.calibration.lookalike_codes else []
-    if names and len(names) != card.density.n_codes:
-        raise UserError(f"{model_dir / DENSITY_IMAGES_FILE}: lists {len(names)} images for the density's "
-                        f"{card.density.n_codes} codes (damaged?); the card is unchanged")
-    files = {name: card.files[name] for name in CHECKED_FILES}
-    anomalies_file = None
-    if centres is not None:
-        buffer = io.BytesIO()
-        np.save(buffer, np.asarray(centres, dtype=np.float64))  # .npy: the same centres give the same bytes
-        content = buffer.getvalue()
-        digest = hashlib.sha256(content).hexdigest()
-        anomalies_file = f"{ANOMALIES_PREFIX}{digest[:16]}.npy"
-        write_atomic(model_dir / anomalies_file, lambda temp: temp.write_bytes(content))
-        files[anomalies_file] = digest
-    card = dataclasses.replace(card, files=files,
-                               calibration=dataclasses.replace(card.calibration, anomalies_file=anomalies_file))
-    write_text_atomic(model_dir / CARD_FILE, card.to_yaml())
-    write_names(model_dir / LOOKALIKES_FILE, [names[i] for i in card.calibration.lookalike_codes], atomic=True)
-    # older calibrations' centres; the card just replaced keeps its own, for a `score` that read that card
-    # a moment ago (it goes with the next calibration)
-    previous_file = previous.calibration.anomalies_file if previous.calibration else None
-    for stale in model_dir.glob(f"{ANOMALIES_PREFIX}*.npy"):
-        if stale.name not in (anomalies_file, previous_file):
-            stale.unlink(missing_ok=True)
-    return card
-
-
-def checked_file(model_dir: Path, name: str, card: ModelCard) -> Path:
+def checked_bytes(model_dir: Path, name: str, card: ModelCard) -> bytes:
+    """A file the card lists, read once and matched against its checksum."""
     path = model_dir / name
-    if not path.is_file():
-        raise UserError(f"{path}: missing from the model folder")
-    expected = card.files.get(name)
-    if expected is None:  # every card lists its files: a missing entry is damage too
-        raise UserError(f"{path}: the card lists no checksum for it (damaged card?)")
-    if sha256_file(path) != expected:
+    try:
+        content = read_bytes(path, FILE_LIMIT, "a model file")
+    except FileNotFoundError:
+        raise UserError(f"{path}: missing from the model folder") from None
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    if hashlib.sha256(content).hexdigest() != card.files[name]:
         raise UserError(f"{path}: does not match the card's checksum (damaged, or from another model)")
-    return path
+    return content
+
+
+def npz_arrays(content: bytes, path: Path, shapes: dict[str, tuple]) -> dict[str, np.ndarray]:
+    """The arrays of an .npz, which must hold exactly `shapes`' names with those shapes; each shape is
+    read from its header before its data is decompressed (a small file may declare gigabytes)."""
+    if not content.startswith(b"PK\x03\x04"):  # numpy would guess at other formats, a pickle among them
+        raise UserError(f"{path}: not a valid .npz archive")
+    try:
+        archive = np.load(io.BytesIO(content), allow_pickle=False)
+    except Exception as exc:  # numpy raises many types for damaged files
+        raise UserError(f"{path}: not a valid .npz archive ({first_line(exc, 120)})") from None
+    with archive:
+        if sorted(archive.files) != sorted(shapes):
+            raise UserError(f"{path}: holds {len(archive.files)} arrays; expected {', '.join(sorted(shapes))}")
+        arrays = {}
+        for name, expected in shapes.items():
+            declared = _declared_shape(archive, name)
+            if declared != expected:
+                raise UserError(f"{path}: {name} is shaped {declared}, the card implies {expected}")
+            try:
+                arrays[name] = archive[name]
+            except Exception as exc:
+                raise UserError(f"{path}: cannot read {name} ({first_line(exc, 120)})") from None
+    return arrays
+
+
+def _declared_shape(archive, name: str) -> tuple | None:
+    try:
+        with archive.zip.open(f"{name}.npy") as member:
+            version = npy.read_magic(member)
+            read_header = npy.read_array_header_1_0 if version == (1, 0) else npy.read_array_header_2_0
+            return tuple(read_header(member)[0])
+    except Exception:  # a damaged header: the shapes then differ, and that is the message
+        return None
 
 
 def load_model(model_dir: Path, card: ModelCard, device: str):
     """Rebuild the networks from the card, then load the weights without unpickling code."""
-
-
-
-    path = checked_file(model_dir, WEIGHTS_FILE, card)
+    path = model_dir / WEIGHTS_FILE
+    content = checked_bytes(model_dir, WEIGHTS_FILE, card)
     try:
-        state = torch.load(path, map_location=device, weights_only=True)
+        state = torch.load(io.BytesIO(content), map_location=device, weights_only=True)
     except pickle.UnpicklingError as exc:
         raise UserError(f"{path}: refused to load (not a plain tensor file: {first_line(exc, 120)})") from None
     except Exception as exc:
@@ -164,64 +185,245 @@ def load_model(model_dir: Path, card: ModelCard, device: str):
     if problems:
         listed = ", ".join(problems[:3]) + (", ..." if len(problems) > 3 else "")
         raise UserError(f"{path}: weights do not fit the card's architecture ({listed})")
+    if not all(bool(torch.isfinite(value).all()) for value in model.state_dict().values() if value.is_floating_point()):
+        raise UserError(f"{path}: holds NaN or infinite weights (did the training diverge?); retrain the model")
     return model
 
 
-def load_density(model_dir: Path, card: ModelCard):
+def load_density(model_dir: Path, card: ModelCard) -> KernelDensity:
     """The density as trained (every training code it was fitted on)."""
-    path = checked_file(model_dir, DENSITY_FILE, card)
+    path = model_dir / DENSITY_FILE
+    n, d = card.density.n_codes, card.architecture.latent_dim
+    state = npz_arrays(checked_bytes(model_dir, DENSITY_FILE, card), path,
+                       {"codes": (n, d), "covariance": (d, d), "bandwidth": (), "factor": (), "radius": ()})
     try:
-        density = KernelDensity.load(path)
-    except ValueError as exc:  # its message names the file
-        raise UserError(str(exc)) from None
-    if density.dim != card.architecture.latent_dim:
-        raise UserError(f"{path}: codes have {density.dim} dimensions, the card says {card.architecture.latent_dim}")
+        density = KernelDensity.from_state_dict(state)
+    except ValueError as exc:
+        raise UserError(f"{path}: {first_line(exc, 200)}") from None
     if density.radius != card.settings.code_radius:
         raise UserError(f"{path}: the density's code radius is {density.radius}, the card says "
                         f"{card.settings.code_radius}")
-    if density.n_codes != card.density.n_codes:
-        raise UserError(f"{path}: holds {density.n_codes} codes, the card says {card.density.n_codes}")
     return density
 
 
-def load_anomaly_kind(model_dir: Path, card: ModelCard, trained):
+def load_anomaly_kind(model_dir: Path, card: ModelCard, trained: KernelDensity) -> AnomalyKind | None:
     """What the card's calibration learnt from its anomalous samples (`trained`: the density as trained),
     or None for a model calibrated without them."""
     if card.calibration is None or (not card.calibration.lookalike_codes and card.calibration.anomalies_file is None):
         return None
     centres = None
     if card.calibration.anomalies_file is not None:
-        path = checked_file(model_dir, card.calibration.anomalies_file, card)
+        path = model_dir / card.calibration.anomalies_file
+        buffer = io.BytesIO(checked_bytes(model_dir, card.calibration.anomalies_file, card))
         try:
-            centres = np.asarray(np.load(path, allow_pickle=False), dtype=np.float64)
+            npy.read_magic(buffer)
+            shape = npy.read_array_header_1_0(buffer)[0]
+            buffer.seek(0)
+            if len(shape) != 2 or shape[1] != trained.dim or not 0 < shape[0] <= MAX_ANOMALOUS_SAMPLES:
+                raise ValueError(f"shaped {shape}")
+            centres = np.asarray(np.load(buffer, allow_pickle=False), dtype=np.float64)
         except Exception as exc:  # numpy raises many types for damaged files
-            raise UserError(f"{path}: cannot read the anomalous samples' codes ({first_line(exc, 160)})") from None
-        if centres.ndim != 2 or centres.shape[1] != trained.dim or not len(centres) or not np.isfinite(centres).all():
-            raise UserError(f"{path}: the anomalous samples' codes must be finite, shaped (n, {trained.dim}); "
-                            f"got {centres.shape}")
+            raise UserError(f"{path}: cannot read the anomalous samples' codes, shaped (n, {trained.dim}) "
+                            f"({first_line(exc, 120)})") from None
+        if not np.isfinite(centres).all():
+            raise UserError(f"{path}: the anomalous samples' codes must be finite")
     try:
         return AnomalyKind.of(trained, card.calibration.lookalike_codes, centres)
     except ValueError as exc:  # e.g. a hand-edited list that leaves a latent dimension constant
         raise UserError(f"{model_dir / CARD_FILE}: calibration.lookalike_codes leave no usable density "
-                        f"({exc})") from None
+                        f"({first_line(exc, 160)})") from None
 
 
 def load_held_out(model_dir: Path, card: ModelCard) -> tuple[np.ndarray, np.ndarray]:
     """The held-out images' reconstruction errors (n,) and codes in every view (views, n, d), as `train`
     saved them."""
-    path = checked_file(model_dir, HELD_OUT_FILE, card)
-    try:
-        with np.load(path, allow_pickle=False) as saved:
-            errors, view_codes = np.asarray(saved["reconstruction_error"]), np.asarray(saved["view_codes"])
-    except Exception as exc:  # numpy raises many types for damaged files
-        raise UserError(f"{path}: cannot read the held-out images' codes ({first_line(exc, 160)})") from None
+    path = model_dir / HELD_OUT_FILE
+    n = card.data.validation_count
     views = (2 * card.settings.shift_radius + 1) ** 2
-    expected = (views, card.data.validation_count, card.architecture.latent_dim)
-    if view_codes.shape != expected or errors.shape != expected[1:2] or not (
-            np.isfinite(view_codes).all() and np.isfinite(errors).all()):
-        raise UserError(f"{path}: expected finite codes shaped {expected} and as many errors; got "
-                        f"{view_codes.shape} and {errors.shape}")
+    arrays = npz_arrays(checked_bytes(model_dir, HELD_OUT_FILE, card), path,
+                        {"view_codes": (views, n, card.architecture.latent_dim), "reconstruction_error": (n,)})
+    errors, view_codes = arrays["reconstruction_error"], arrays["view_codes"]
+    if not (np.isfinite(view_codes).all() and np.isfinite(errors).all()):
+        raise UserError(f"{path}: the held-out images' codes and errors must be finite")
     return errors.astype(np.float64), view_codes
+
+
+@dataclasses.dataclass(frozen=True)
+class StoredModel:
+    card: ModelCard
+    model: AdversarialAutoencoder
+    density: KernelDensity  # as trained
+    kind: AnomalyKind | None  # None when loaded as trained
+
+
+def read_model(model_dir: Path, device: str, *, as_trained: bool = False) -> StoredModel:
+    """Everything a detector needs, from one generation of the folder: a reader that meets a folder being
+    replaced (the card from one, a file from the next) finds the card changed, and reads again."""
+    for attempt in range(READ_ATTEMPTS):
+        card = read_card(model_dir)
+        try:
+            density = load_density(model_dir, card)
+            kind = None if as_trained else load_anomaly_kind(model_dir, card, density)
+            return StoredModel(card, load_model(model_dir, card, device), density, kind)
+        except UserError:
+            if attempt + 1 == READ_ATTEMPTS or _card_text(model_dir) == card.to_yaml():
+                raise
+
+
+def _card_text(model_dir: Path) -> str | None:
+    try:
+        return read_card(model_dir).to_yaml()
+    except UserError:
+        return None
+
+
+# ------------------------------------------------------------------------------------------- writing
+
+@contextmanager
+def writing(model_dir: Path, wait: float = LOCK_WAIT_SECONDS) -> Iterator[None]:
+    """Take turns with other writers of `model_dir`: an advisory lock on a file beside it (never inside:
+    training replaces the folder whole)."""
+    lock_path = model_dir.with_name(f".{model_dir.name}.lock")
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    deadline = time.monotonic() + wait
+    while True:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            if time.monotonic() >= deadline:
+                raise UserError(f"{model_dir}: another aadetect is writing this model (it holds {lock_path}); "
+                                f"try again when it has finished") from None
+            time.sleep(0.05)
+            continue
+        if _same_file(fd, lock_path):  # not a file that the writer before removed as it let go
+            break
+        os.close(fd)
+    try:
+        if model_dir.is_dir():
+            remove_abandoned_temp_files(model_dir)
+        yield
+    finally:
+        lock_path.unlink(missing_ok=True)  # while still held: a writer that opened it then takes another
+        os.close(fd)
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        return os.path.samestat(os.fstat(fd), os.stat(path))
+    except FileNotFoundError:
+        return False
+
+
+def check_output_dir(model_dir: Path, data: Path) -> None:
+    """Replacing a model replaces the model's own files only: refuse a target that holds anything else (the
+    user's images, notes), or that the training data lies in. And find out now, not after training, when
+    the model cannot be written where it should go."""
+    if model_dir.exists() and not model_dir.is_dir():
+        raise UserError(f"{model_dir}: exists and is not a folder; choose another --out")
+    resolved_data = Path(os.path.realpath(data))
+    if resolved_data == model_dir or model_dir in resolved_data.parents:
+        raise UserError(f"{data}: lies inside {model_dir}, which training replaces whole; choose another --out")
+    if model_dir.exists():
+        foreign = sorted(entry.name for entry in os.scandir(model_dir) if not _is_model_file(entry))
+        if foreign:
+            raise UserError(f"{model_dir}: holds {foreign[0]!r:.80}{f' and {len(foreign) - 1} more' if len(foreign) > 1 else ''}, "
+                            f"which is not part of an aadetect model; training replaces the folder whole, so "
+                            f"choose another --out (or move them)")
+    check_writable(model_dir)
+
+
+def _is_model_file(entry: os.DirEntry) -> bool:
+    name = entry.name
+    ours = (name in NAMED_FILES or (name.startswith(ANOMALIES_PREFIX) and name.endswith(".npy"))
+            or (name.startswith(".") and name.endswith(".tmp")))  # an atomic write's temp file
+    return ours and entry.is_file(follow_symlinks=False)
+
+
+def checkpoint_path(model_dir: Path) -> Path:
+    return model_dir.with_name(model_dir.name + ".checkpoint.pt")
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    remove_abandoned(path)
+    write_bytes_atomic(path, _serialised(state))
+
+
+def write_names(path: Path, names: list[str]) -> None:
+    """One file name a line, as the bytes the file system gave (a name need not be UTF-8 on Linux)."""
+    write_bytes_atomic(path, "".join(name + "\n" for name in names).encode("utf-8", "surrogateescape"))
+
+
+def save_trained(model_dir: Path, card: ModelCard, model, density, *, validation: list[str], rejected: list[str],
+                 density_images: list[str], held_out_errors: np.ndarray, held_out_codes: np.ndarray) -> ModelCard:
+    """Write a trained model's folder whole, replacing any model there; returns the card with its checksums."""
+    held_out = io.BytesIO()
+    np.savez(held_out, view_codes=held_out_codes, reconstruction_error=held_out_errors)
+    names = lambda listed: "".join(name + "\n" for name in listed).encode("utf-8", "surrogateescape")  # noqa: E731
+    contents = {WEIGHTS_FILE: _serialised(model.state_dict()), DENSITY_FILE: density.to_bytes(),
+                HELD_OUT_FILE: held_out.getvalue(), VALIDATION_FILE: names(validation),
+                REJECTED_FILE: names(rejected), DENSITY_IMAGES_FILE: names(density_images)}
+    card = dataclasses.replace(card, files={name: hashlib.sha256(contents[name]).hexdigest() for name in CHECKED_FILES})
+    contents[CARD_FILE] = card.to_yaml().encode("utf-8")
+    with staged_directory(model_dir) as staging:
+        for name, content in contents.items():
+            try:
+                (staging / name).write_bytes(content)
+            except OSError as error:  # a full disk: name the file the user will look for
+                raise OSError(error.errno, error.strerror, str(model_dir / name)) from None
+    return card
+
+
+def _serialised(state) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    return buffer.getvalue()
+
+
+def save_calibration(model_dir: Path, previous: ModelCard, card: ModelCard, centres: np.ndarray | None) -> ModelCard:
+    """Write a calibration over the card `previous` (call it `writing` the folder). First what the new card
+    will name (the anomalous samples' kernel centres, under a name made from their content, so the card in
+    force never names a file being rewritten) and the list of lookalikes, then the card itself: the one
+    step that makes the change. Nothing after it can fail. Returns the card as written."""
+    lookalikes = card.calibration.lookalike_codes
+    names = read_names(model_dir / DENSITY_IMAGES_FILE) if lookalikes else []
+    if names and len(names) != card.density.n_codes:
+        raise UserError(f"{model_dir / DENSITY_IMAGES_FILE}: lists {len(names)} images for the density's "
+                        f"{card.density.n_codes} codes (damaged?); the card is unchanged")
+    files = {name: card.files[name] for name in CHECKED_FILES}
+    anomalies_file = None
+    if centres is not None:
+        buffer = io.BytesIO()
+        np.save(buffer, np.asarray(centres, dtype=np.float64))  # .npy: the same centres give the same bytes
+        digest = hashlib.sha256(buffer.getvalue()).hexdigest()
+        anomalies_file = f"{ANOMALIES_PREFIX}{digest[:16]}.npy"
+        write_bytes_atomic(model_dir / anomalies_file, buffer.getvalue())
+        files[anomalies_file] = digest
+    card = dataclasses.replace(card, files=files,
+                               calibration=dataclasses.replace(card.calibration, anomalies_file=anomalies_file))
+    lookalikes_path = model_dir / LOOKALIKES_FILE
+    try:
+        listed_before = read_bytes(lookalikes_path, NAMES_LIMIT, "a list of file names")
+    except (OSError, UserError):
+        listed_before = None
+    write_names(lookalikes_path, [names[i] for i in lookalikes])
+    try:
+        write_text_atomic(model_dir / CARD_FILE, card.to_yaml())
+    except BaseException:
+        if listed_before is not None:  # the list goes with the card still in force
+            write_bytes_atomic(lookalikes_path, listed_before)
+        raise
+    # older calibrations' centres; the card just replaced keeps its own, for a `score` that read that card
+    # a moment ago (it goes with the next calibration)
+    previous_file = previous.calibration.anomalies_file if previous.calibration else None
+    for stale in model_dir.glob(f"{ANOMALIES_PREFIX}*.npy"):
+        if stale.name not in (anomalies_file, previous_file):
+            try:
+                stale.unlink()
+            except OSError:  # a leftover: the next calibration tries again
+                pass
+    return card
 
 
 def resolved(model_dir: str | os.PathLike) -> Path:

@@ -438,7 +438,7 @@ def test_train_rejects_bad_options_before_work(dataset, tmp_path, args, message)
 
 def test_train_refuses_to_overwrite_a_data_folder(dataset):
     result = invoke("train", dataset["train"], "--out", dataset["good"], *TRAIN_ARGS)
-    assert result.exit_code == 2 and "not an aadetect model folder" in result.stderr
+    assert result.exit_code == 2 and "which is not part of an aadetect model" in result.stderr
 
 
 def test_train_with_too_few_images(tmp_path):

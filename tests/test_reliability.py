@@ -202,7 +202,7 @@ def test_card_that_is_not_yaml(model_dir, dataset, tmp_path):
     (lambda model: (model / "weights.pt").unlink(), "missing from the model folder"),
     (lambda model: (model / "density.npz").unlink(), "missing from the model folder"),
     (lambda model: (model / "weights.pt").write_bytes((model / "weights.pt").read_bytes()[:500]), "checksum"),
-    (lambda model: edit_card(model, lambda card: card.update(files={})), "lists no checksum"),
+    (lambda model: edit_card(model, lambda card: card.update(files={})), "files must list exactly"),
 ])
 def test_missing_or_corrupt_files(model_dir, dataset, tmp_path, damage, fragment):
     model = copy_model(model_dir, tmp_path)
@@ -288,7 +288,7 @@ def test_a_card_whose_settings_disagree_with_its_files_is_refused(dataset, tmp_p
 
 
 @pytest.mark.parametrize("contents, reason", [
-    (b"not a zip archive", "is not a valid density file"),
+    (b"not a zip archive", "not a valid .npz archive"),
     (None, "density factor must be a positive finite number"),  # a valid archive with a bad value
 ])
 def test_a_damaged_density_file_is_named_once(model_dir, dataset, tmp_path, contents, reason):
