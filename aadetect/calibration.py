@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.special import ndtr
 
-from aadetect.card import Cut, OddsScale, Thresholds
+from aadetect.card import MIN_SCALE, Cut, OddsScale, Thresholds
 from aadetect.config import TrainConfig
 from aadetect.errors import UserError
 from aadetect.metrics import confusion, decision_metrics
@@ -34,7 +34,7 @@ def robust_scale(values: np.ndarray) -> float:
     is degenerate (duplicated images give identical values), never below a relative floor."""
     values = np.asarray(values, dtype=np.float64)
     median = float(np.median(values))
-    floor = 1e-6 * (abs(median) + 1.0)
+    floor = MIN_SCALE * (abs(median) + 1.0)
     spread = 1.4826 * float(np.median(np.abs(values - median)))
     if not spread > floor:
         spread = float(np.std(values))

@@ -23,6 +23,8 @@ from aadetect.config import Architecture, TrainConfig
 from aadetect.errors import UserError, first_line
 
 FORMAT_VERSION = 1
+MAX_NESTING = 16  # the card's own is 4 deep
+MIN_SCALE = 1e-6  # the floor of calibration.robust_scale: a spread that training writes is never smaller
 ANOMALIES_PREFIX = "anomalies-"  # + a digest of the content + ".npy" (see aadetect.store)
 LOG_CAP = 700.0  # exp() of more overflows a float64: a cut that far out never fires anyway
 
@@ -153,7 +155,7 @@ class ModelCard:
     @classmethod
     def from_yaml(cls, text: str, source: str = "card.yaml") -> ModelCard:
         try:
-            data = yaml.safe_load(text)
+            data = yaml.load(text, Loader=_CardLoader)  # noqa: S506 (a SafeLoader, stricter still)
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)  # where a hand edit went wrong
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
@@ -178,8 +180,8 @@ class ModelCard:
             for part, value in dataclasses.asdict(cut).items():
                 if not math.isfinite(value):
                     raise UserError(f"{source}: thresholds.{name}.{part} is not a finite number ({value})")
-            if cut.scale <= 0:
-                raise UserError(f"{source}: thresholds.{name}.scale must be positive")
+            if not cut.scale >= MIN_SCALE:  # a smaller one would blow scores up to infinity, which is not JSON
+                raise UserError(f"{source}: thresholds.{name}.scale must be at least {MIN_SCALE:g}")
         if self.thresholds.reconstruction.centre <= 0:
             raise UserError(f"{source}: thresholds.reconstruction.centre must be positive")
         anomalies_file = self.calibration.anomalies_file if self.calibration else None
@@ -207,6 +209,25 @@ class ModelCard:
                             f"{self.density.n_codes - 1}")
         if len(lookalikes) >= self.density.n_codes - arch.latent_dim:
             raise UserError(f"{source}: calibration.lookalike_codes leaves too few codes for the density")
+
+
+class _CardLoader(yaml.SafeLoader):
+    """`yaml.safe_load`, without aliases (a kilobyte of them expands to gigabytes) and with bounded nesting
+    (thousands of levels would exhaust the stack)."""
+
+    depth = 0
+
+    def compose_node(self, parent, index):
+        mark = self.peek_event().start_mark
+        if self.check_event(yaml.AliasEvent):
+            raise yaml.composer.ComposerError(None, None, "aliases are not allowed in a model card", mark)
+        if self.depth >= MAX_NESTING:
+            raise yaml.composer.ComposerError(None, None, f"nested more than {MAX_NESTING} levels deep", mark)
+        self.depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
 
 
 def _plain(value: Any) -> Any:

@@ -8,19 +8,21 @@ from __future__ import annotations
 
 import functools
 import io
+import itertools
 import json
 import os
 import sys
+from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Iterator, Optional
 
 import typer
 
 from aadetect import __version__
 from aadetect.config import CODE_RADII, ERROR_MEASURES, OBJECTIVES, TrainConfig
 from aadetect.demo import DEMO_EPOCHS, DEMO_TRAIN_IMAGES
-from aadetect.errors import UserError
+from aadetect.errors import UserError, first_line
 
 app = typer.Typer(
     name="aadetect",
@@ -34,6 +36,9 @@ app = typer.Typer(
 DEFAULT_MODEL = "aadetect-model"
 EXIT_ANOMALY, EXIT_USAGE, EXIT_BUG = 1, 2, 3
 EXIT_READER_LEFT = 128 + 13  # what a shell reports for a process ended by SIGPIPE
+MESSAGE_LIMIT = 400  # characters of an error line: a message naming thousands of entries is cut
+MAX_PATH_BYTES = 1 << 16  # a longer line on stdin is not a path
+SCORE_CHUNK = 4096  # inputs scored at a time
 SCORE_FIELDS = ("path", "reconstruction_error", "log_density", "anomaly_log_odds", "score", "anomaly", "reason",
                 "error")
 
@@ -78,7 +83,7 @@ def user_errors(command):
         try:
             return command(*args, **kwargs)
         except UserError as error:
-            say(f"aadetect: error: {error}")
+            say(f"aadetect: error: {first_line(error, MESSAGE_LIMIT)}")
             raise typer.Exit(EXIT_USAGE) from None
         except KeyboardInterrupt:
             say("aadetect: interrupted")
@@ -102,6 +107,19 @@ def user_errors(command):
             say("aadetect: internal error (a bug in aadetect; please report it with the traceback above)")
             raise typer.Exit(EXIT_BUG) from None
     return run
+
+
+@contextmanager
+def report_of_a_change() -> Iterator[None]:
+    """What a command prints about a change it has made: the change stands whatever becomes of the report
+    (a full disk, a reader that left), so failing to write it is a warning, and the exit stays 0."""
+    try:
+        yield
+        sys.stdout.flush()
+    except OSError as error:  # BrokenPipeError too
+        discard_stdout()
+        say(f"aadetect: warning: the model was written, but its report could not be (standard output: "
+            f"{error.strerror or error})")
 
 
 def discard_stdout() -> None:
@@ -201,8 +219,9 @@ def train(
                   f"{card.training.epochs_run} epochs, {card.training.seconds:.0f} s, "
                   f"{card.data.rejected_count} rejected as likely outliers)")
     if list_rejected:
-        for name in store.read_names(store.resolved(out) / store.REJECTED_FILE):
-            typer.echo(name)
+        with report_of_a_change():
+            for name in store.read_names(store.resolved(out) / store.REJECTED_FILE):
+                typer.echo(name)
 
 
 @app.command(epilog=examples(
@@ -242,14 +261,15 @@ def calibrate(
               "metrics": card.calibration.metrics, "good_count": card.calibration.good_count,
               "anomalous_count": card.calibration.anomalous_count,
               "lookalikes": len(card.calibration.lookalike_codes), "warnings": card.calibration.warnings}
-    if format == ReportFormat.json:
-        typer.echo(json.dumps(report))
-    else:
-        odds = report["thresholds"]["anomaly_log_odds"]
-        print_table("calibration", [("reconstruction threshold", report["thresholds"]["reconstruction"]),
-                                    ("density threshold", report["thresholds"]["density"]),
-                                    *([("anomaly log-odds threshold", odds)] if odds is not None else []),
-                                    *report["metrics"].items(), ("lookalikes left out", report["lookalikes"])])
+    with report_of_a_change():
+        if format == ReportFormat.json:
+            typer.echo(json.dumps(report))
+        else:
+            odds = report["thresholds"]["anomaly_log_odds"]
+            print_table("calibration", [("reconstruction threshold", report["thresholds"]["reconstruction"]),
+                                        ("density threshold", report["thresholds"]["density"]),
+                                        *([("anomaly log-odds threshold", odds)] if odds is not None else []),
+                                        *report["metrics"].items(), ("lookalikes left out", report["lookalikes"])])
 
 
 @app.command(epilog=examples(
@@ -272,22 +292,25 @@ def score(
     from aadetect.scoring import Detector
 
     detector = Detector.load(model, device)
-    expanded = list(expand(read_paths(paths, null)))
-    refs = [item for item in expanded if not isinstance(item, Unreadable)]
     writer = RowWriter(format)
     unreadable = anomalous = False
-    results = iter(detector.score_images(refs))
-    for item in expanded:  # input order, bad paths and bad images alike
-        if isinstance(item, Unreadable):
-            ref_name, row, error = item.name, None, item.message
-        else:
-            ref, row, error = next(results)
-            ref_name = ref.name
-        if error is not None:  # said even with --quiet: it decides the exit status
-            unreadable = True
-            say(f"aadetect: error: {error}")
-        anomalous |= bool(row and row["anomaly"])
-        writer.write({"path": ref_name, **(row or {}), "error": error})
+    inputs = expand(read_paths(paths, null))
+    while chunk := list(itertools.islice(inputs, SCORE_CHUNK)):  # memory stays flat on an endless stdin
+        results = detector.score_images([item for item in chunk if not isinstance(item, Unreadable)])
+        for item in chunk:  # input order, bad paths and bad images alike
+            if isinstance(item, Unreadable):
+                ref_name, row, error = item.name, None, item.message
+            else:
+                ref, row, error = next(results)
+                ref_name = ref.name
+            if error is not None:  # said even with --quiet: it decides the exit status
+                unreadable = True
+                error = first_line(error, MESSAGE_LIMIT)
+                say(f"aadetect: error: {error}")
+            anomalous |= bool(row and row["anomaly"])
+            writer.write({"path": ref_name, **(row or {}), "error": error})
+    if writer.count == 0:
+        raise UserError("no images to score (give paths, or '-' with paths on stdin)")
     writer.close()
     raise typer.Exit(EXIT_USAGE if unreadable else EXIT_ANOMALY if anomalous else 0)
 
@@ -336,24 +359,35 @@ def demo(
     print_report(report, format)
 
 
-def read_paths(paths: list[str], null: bool) -> list[str]:
-    """Arguments as given; '-' is replaced by the paths read from stdin."""
-    result = []
+def read_paths(paths: list[str], null: bool) -> Iterator[str]:
+    """Arguments as given; '-' is replaced by the paths on stdin, read as they come (stdin may never end)."""
     for path in paths:
         if path != "-":
-            result.append(path)
+            yield path
             continue
         if sys.stdin is None:
             raise UserError("'-' reads paths from stdin, but stdin is closed")
-        text = sys.stdin.buffer.read().decode("utf-8", "surrogateescape")
-        if not null and "\0" in text:  # no path holds one: NUL-separated names, or an image's bytes
-            raise UserError("stdin holds NUL bytes, so it is not a list of paths one per line "
-                            "(for NUL-separated paths, as `find -print0` writes them, add --null)")
-        lines = text.split("\0") if null else [line.removesuffix("\r") for line in text.split("\n")]
-        result.extend(line for line in lines if line.strip())
-    if not result:
-        raise UserError("no images to score (give paths, or '-' with paths on stdin)")
-    return result
+        for line in stdin_lines(sys.stdin.buffer, b"\0" if null else b"\n"):
+            if not null and b"\0" in line:  # no path holds one: NUL-separated names, or an image's bytes
+                raise UserError("stdin holds NUL bytes, so it is not a list of paths one per line "
+                                "(for NUL-separated paths, as `find -print0` writes them, add --null)")
+            text = line.decode("utf-8", "surrogateescape")
+            text = text if null else text.removesuffix("\r")
+            if text.strip():
+                yield text
+
+
+def stdin_lines(stream, separator: bytes) -> Iterator[bytes]:
+    """`stream` split at `separator`, a block at a time; a line longer than any path is refused."""
+    read = getattr(stream, "read1", stream.read)  # read1: what has arrived, without waiting for a full block
+    pending = b""
+    while block := read(1 << 16):
+        *lines, pending = (pending + block).split(separator)
+        yield from lines
+        if len(pending) > MAX_PATH_BYTES:
+            raise UserError(f"stdin: a line of over {MAX_PATH_BYTES:,} bytes, so it is not a list of paths")
+    if pending:
+        yield pending
 
 
 class RowWriter:
@@ -361,6 +395,7 @@ class RowWriter:
 
     def __init__(self, format: ScoreFormat):
         self.format = format
+        self.count = 0
         self.rows: list[dict] = []
         if format == ScoreFormat.csv:
             import csv
@@ -369,6 +404,7 @@ class RowWriter:
             self.csv.writeheader()
 
     def write(self, row: dict) -> None:
+        self.count += 1
         row = {name: row.get(name) for name in SCORE_FIELDS}
         if self.format == ScoreFormat.jsonl:
             sys.stdout.write(json.dumps(row, ensure_ascii=False) + "\n")

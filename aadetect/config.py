@@ -13,6 +13,9 @@ CODE_RADII = ("sqrt", "linear")  # how a code's length enters the KDE (density.m
 OBJECTIVES = ("balanced-accuracy", "f1")  # what calibration's joint threshold search maximises
 AUTO = 0  # image_size == AUTO: pick the size from the data
 MAX_SHIFT_RADIUS = 2  # (2r + 1)^2 forward passes an image: 25 at most
+MAX_EPOCHS = 100_000
+MAX_BATCH_SIZE = 1 << 20
+MAX_MEMORY_MB = 1 << 30
 
 
 @dataclass(frozen=True)
@@ -45,16 +48,16 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         """Fail fast, before any expensive work, on settings that cannot work."""
-        if self.epochs < 1:
-            raise UserError(f"--epochs must be at least 1, got {self.epochs}")
+        if not 1 <= self.epochs <= MAX_EPOCHS:
+            raise UserError(f"--epochs must be between 1 and {MAX_EPOCHS:,}, got {self.epochs}")
         if self.image_size != AUTO and (self.image_size < 8 or self.image_size % 4):
             raise UserError(f"--image-size must be 0 (auto) or a multiple of 4 that is at least 8, got {self.image_size}")
         if self.image_size > 512:
             raise UserError(f"--image-size must be at most 512, got {self.image_size}")
         if self.latent_dim < 1 or self.latent_dim > 256:
             raise UserError(f"--latent-dim must be between 1 and 256, got {self.latent_dim}")
-        if self.batch_size < 2:
-            raise UserError(f"--batch-size must be at least 2, got {self.batch_size}")
+        if not 2 <= self.batch_size <= MAX_BATCH_SIZE:  # torch's sizes are 64-bit: a larger one overflows
+            raise UserError(f"--batch-size must be between 2 and {MAX_BATCH_SIZE:,}, got {self.batch_size}")
         check_seed(self.seed)
         if self.error not in ERROR_MEASURES:
             raise UserError(f"--error must be one of {', '.join(ERROR_MEASURES)}, got {self.error!r}")
@@ -67,8 +70,8 @@ class TrainConfig:
         if not 0.0 < self.validation_fraction < 0.5:
             raise UserError(f"validation fraction must be in (0, 0.5), got {self.validation_fraction}")
         check_fraction("the default thresholds' target FPR", self.target_fpr)  # not a train option
-        if self.memory_limit_mb < 0:
-            raise UserError(f"--memory-limit-mb must not be negative, got {self.memory_limit_mb}")
+        if not 0 <= self.memory_limit_mb <= MAX_MEMORY_MB:
+            raise UserError(f"--memory-limit-mb must be between 0 and {MAX_MEMORY_MB:,}, got {self.memory_limit_mb}")
         if not 0.0 < self.learning_rate < math.inf:  # also refuses NaN, which every comparison passes
             raise UserError(f"the learning rate must be a positive number, got {self.learning_rate}")
         if self.patience < 1:  # 0 would stop before the first epoch and save untrained weights

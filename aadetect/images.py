@@ -8,6 +8,7 @@ rotation and guards against decompression bombs.
 from __future__ import annotations
 
 import os
+import stat
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,7 @@ from aadetect.errors import UserError, first_line
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 ARRAY_SUFFIXES = (".npy", ".npz")
 MAX_PIXELS = 64_000_000  # larger images are refused as likely decompression bombs
+NPZ_LIMIT = 1 << 30  # bytes an .npz array may decompress to (a .npy is memory-mapped, so it has no limit)
 GRAYSCALE_MODES = {"1", "L", "LA", "I", "F", "I;16", "I;16L", "I;16B", "I;16N"}
 
 
@@ -56,6 +58,7 @@ def find_images(path: str | os.PathLike) -> list[ImageRef]:
         if not refs:
             raise UserError(f"{given}: no images found (looked for {', '.join(IMAGE_SUFFIXES)})")
         return refs
+    _check_regular(path, given)
     suffix = path.suffix.lower()
     if suffix in ARRAY_SUFFIXES:
         return [ImageRef(path, i, shown=given) for i in range(len(_read_array(path, given)))]
@@ -63,6 +66,21 @@ def find_images(path: str | os.PathLike) -> list[ImageRef]:
         return [ImageRef(path, shown=given)]
     raise UserError(f"{given}: unsupported format {suffix or '(no suffix)'!r} "
                     f"(supported: {', '.join(IMAGE_SUFFIXES + ARRAY_SUFFIXES)})")
+
+
+def _check_regular(path: Path, shown: str) -> os.stat_result:
+    """Only regular files (or links to them) are read: a FIFO would hang the reader, a device never end."""
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        raise UserError(f"{shown}: no such file") from None
+    except OSError as exc:
+        raise UserError(f"{shown}: cannot read ({exc.strerror or exc})") from None
+    if stat.S_ISDIR(info.st_mode):
+        raise UserError(f"{shown}: is a folder, not an image")
+    if not stat.S_ISREG(info.st_mode):
+        raise UserError(f"{shown}: not a regular file (a device, FIFO or socket)")
+    return info
 
 
 def _walk_images(root: str) -> list[str]:
@@ -96,6 +114,8 @@ def _read_array(path: Path, shown: str | None = None) -> np.ndarray:
         info = path.stat()
     except OSError as exc:
         raise UserError(f"{name}: cannot read ({exc.strerror or exc})") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise UserError(f"{name}: not a regular file (a device, FIFO or socket)")
     stamp = (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
     cached = _ARRAY_CACHE.pop(path, None)
     if cached is not None and cached[0] == stamp:
@@ -115,7 +135,12 @@ def _read_array(path: Path, shown: str | None = None) -> np.ndarray:
                 raise UserError(f"{name}: holds several arrays {keys}; name the images array 'images'")
             declared = _declared_shape(loaded, key)
             if declared is not None:  # before decompressing: a few MB may declare gigapixels
-                _check_shape(name, declared)
+                shape, dtype = declared
+                _check_shape(name, shape)
+                size = int(np.prod(shape, dtype=object)) * dtype.itemsize
+                if size > NPZ_LIMIT:
+                    raise UserError(f"{name}: array {key!r} would take {size / 2**30:,.1f} GiB decompressed (over "
+                                    f"{NPZ_LIMIT / 2**30:.0f}); save it as .npy, which is read as it is used")
             try:
                 array = loaded[key]
             except Exception as exc:
@@ -146,8 +171,8 @@ def _check_shape(name: str, shape: tuple) -> None:
         raise UserError(f"{name}: images too large ({shape[2]}x{shape[1]}, over {MAX_PIXELS:,} pixels)")
 
 
-def _declared_shape(archive, key: str) -> tuple | None:
-    """The shape an .npz entry's header declares, read without decompressing its data; None where
+def _declared_shape(archive, key: str) -> tuple[tuple, np.dtype] | None:
+    """The shape and type an .npz entry's header declares, read without decompressing its data; None where
     the header cannot be read this way (numpy then reports the problem when it loads the entry)."""
     try:
         with archive.zip.open(f"{key}.npy") as member:
@@ -155,7 +180,8 @@ def _declared_shape(archive, key: str) -> tuple | None:
             if version not in ((1, 0), (2, 0)):
                 return None
             read_header = npy.read_array_header_1_0 if version == (1, 0) else npy.read_array_header_2_0
-            return tuple(read_header(member)[0])
+            shape, _, dtype = read_header(member)
+            return tuple(shape), dtype
     except Exception:  # a damaged archive: let the load below name the problem
         return None
 
@@ -230,6 +256,7 @@ def decode(ref: ImageRef, size: int, channels: int) -> np.ndarray:
 
 def _open(ref: ImageRef):
     path = ref.path
+    size = _check_regular(path, ref.name).st_size
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -241,7 +268,7 @@ def _open(ref: ImageRef):
     except IsADirectoryError:
         raise UserError(f"{ref.name}: is a folder, not an image") from None
     except UnidentifiedImageError:
-        if _is_empty(path):  # asked only on failure: a stat per image costs streaming throughput
+        if size == 0:
             raise UserError(f"{ref.name}: empty file") from None
         raise UserError(f"{ref.name}: not a recognised image (corrupt, or not an image at all)") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
@@ -267,13 +294,6 @@ def _frame_count(image) -> int:
         return int(getattr(image, "n_frames", 1))
     except Exception:  # Pillow raises many types on corrupt data
         return 1
-
-
-def _is_empty(path: Path) -> bool:
-    try:
-        return path.stat().st_size == 0
-    except OSError:
-        return False
 
 
 def _upright(image):

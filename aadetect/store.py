@@ -77,9 +77,9 @@ def read_bytes(path: Path, limit: int, what: str) -> bytes:
         size = os.fstat(handle.fileno()).st_size
         if size > limit:
             raise UserError(f"{path}: {size:,} bytes, too large for {what} (at most {limit:,})")
-        content = handle.read(limit + 1)
-    if len(content) > limit:  # grew while read
-        raise UserError(f"{path}: too large for {what} (at most {limit:,} bytes)")
+        content = handle.read(size)  # what it holds now, not `limit` bytes of buffer
+        if handle.read(1):  # grew while read
+            raise UserError(f"{path}: changed while it was read; try again")
     return content
 
 
@@ -283,7 +283,8 @@ def _card_text(model_dir: Path) -> str | None:
 def writing(model_dir: Path, wait: float = LOCK_WAIT_SECONDS) -> Iterator[None]:
     """Take turns with other writers of `model_dir`: an advisory lock on a file beside it (never inside:
     training replaces the folder whole)."""
-    lock_path = model_dir.with_name(f".{model_dir.name}.lock")
+    folder = resolved(model_dir)  # "." has no name to put a lock beside
+    lock_path = folder.with_name(f".{folder.name}.lock")
     lock_path.parent.mkdir(parents=True, exist_ok=True)
     deadline = time.monotonic() + wait
     while True:

@@ -176,7 +176,7 @@ def test_closed_stdin_and_bugs_never_exit_1(model_dir, monkeypatch):
     (lambda card: card["training"]["settings"].update(error="psnr"), "--error must be one of"),
     (lambda card: card["training"]["settings"].update(code_radius="log"), "--code-radius must be one of"),
     (lambda card: card["training"]["settings"].pop("shift_radius"), "missing key 'training.settings.shift_radius'"),
-    (lambda card: card["thresholds"]["density"].update(scale=-1.0), "thresholds.density.scale must be positive"),
+    (lambda card: card["thresholds"]["density"].update(scale=-1.0), "thresholds.density.scale must be at least 1e-06"),
     (lambda card: card.update(density=None), "card.yaml: density must be a mapping"),
     (lambda card: card.update(preprocessing={}), "unknown key 'preprocessing'"),
     (lambda card: card["data"].update(held_out_file="../other/held_out.npz"), "unknown key 'data.held_out_file'"),
