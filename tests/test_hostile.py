@@ -179,7 +179,7 @@ def test_fifos_are_error_rows_never_a_hang(model, dataset, tmp_path):
 
 # ---- 6. model files are read only when regular, and within a size fitting each ---------------------------------
 
-FUZZ = """
+FUZZ = r"""
 import hashlib, json, os, random, shutil, signal, sys, time
 from pathlib import Path
 import yaml
