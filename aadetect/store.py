@@ -83,6 +83,16 @@ def read_bytes(path: Path, limit: int, what: str) -> bytes:
     return content
 
 
+def read_model_file(path: Path, limit: int, what: str, *, missing: str) -> bytes:
+    """`read_bytes`, with what can go wrong as one line for the user (`missing` where there is no file)."""
+    try:
+        return read_bytes(path, limit, what)
+    except FileNotFoundError:
+        raise UserError(f"{path}: {missing}") from None
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read {what} ({exc.strerror or exc})") from None
+
+
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open_regular(path) as handle:
@@ -93,12 +103,8 @@ def sha256_file(path: Path) -> str:
 
 def read_card(model_dir: Path) -> ModelCard:
     path = Path(model_dir) / CARD_FILE
-    try:
-        content = read_bytes(path, CARD_LIMIT, "a model card")
-    except FileNotFoundError:
-        raise UserError(f"{path}: no model card here (train a model first, or pass --model)") from None
-    except OSError as exc:
-        raise UserError(f"{path}: cannot read model card ({exc.strerror or exc})") from None
+    content = read_model_file(path, CARD_LIMIT, "a model card",
+                              missing="no model card here (train a model first, or pass --model)")
     try:
         text = content.decode("utf-8")
     except UnicodeDecodeError:
@@ -120,12 +126,7 @@ def read_names(path: Path) -> list[str]:
 def checked_bytes(model_dir: Path, name: str, card: ModelCard) -> bytes:
     """A file the card lists, read once and matched against its checksum."""
     path = model_dir / name
-    try:
-        content = read_bytes(path, FILE_LIMIT, "a model file")
-    except FileNotFoundError:
-        raise UserError(f"{path}: missing from the model folder") from None
-    except OSError as exc:
-        raise UserError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    content = read_model_file(path, FILE_LIMIT, "a model file", missing="missing from the model folder")
     if hashlib.sha256(content).hexdigest() != card.files[name]:
         raise UserError(f"{path}: does not match the card's checksum (damaged, or from another model)")
     return content
