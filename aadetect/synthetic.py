@@ -40,6 +40,8 @@ _SPLITS = (
     ("test_anomalous", True, 4),
 )
 
+MASK_CHANGE = 0.05  # of the 0-1 range: a defect's soft edge fainter than this is not part of its mask
+
 # Stain palette (RGB in 0..1): a pinkish and a purplish end, mixed per cell.
 _PINK = np.array([0.89, 0.62, 0.70])
 _PURPLE = np.array([0.74, 0.55, 0.76])
@@ -284,6 +286,13 @@ def draw_cells(count: int, *, anomalous: bool, size: int = 48, seed: int = 0) ->
     Image ``i`` depends only on ``(seed, i, size, anomalous)``; with the same seed,
     the anomalous images are the good images plus local defects.
     """
+    return draw_cells_and_masks(count, anomalous=anomalous, size=size, seed=seed)[0]
+
+
+def draw_cells_and_masks(count: int, *, anomalous: bool, size: int = 48, seed: int = 0
+                         ) -> tuple[np.ndarray, np.ndarray]:
+    """`draw_cells`' images, and each one's defect mask (count, size, size), bool: the pixels that the
+    defects changed by more than MASK_CHANGE in some channel (all False for good images)."""
     count = int(count)
     size = int(size)
     if count < 0:
@@ -293,15 +302,18 @@ def draw_cells(count: int, *, anomalous: bool, size: int = 48, seed: int = 0) ->
     if seed < 0:
         raise ValueError(f"seed must be >= 0, got {seed}")
     out = np.empty((count, size, size, 3), dtype=np.uint8)
+    masks = np.zeros((count, size, size), dtype=bool)
     grid = _Grid(size)
     for i in range(count):
         image, info, noise = _draw_base(grid, _rng(seed, i, _BASE_STREAM))
         if anomalous:
+            base = image.copy()
             _draw_defects(image, grid, _rng(seed, i, _DEFECT_STREAM), info)
+            masks[i] = (np.abs(image - base) > MASK_CHANGE).any(axis=-1)
         image += noise
         np.clip(image * 255.0 + 0.5, 0.0, 255.0, out=image)
         out[i] = image.astype(np.uint8)
-    return out
+    return out, masks
 
 
 def _split_seed(seed: int, tag: int) -> int:
@@ -309,11 +321,13 @@ def _split_seed(seed: int, tag: int) -> int:
 
 
 def _write_pngs(folder: Path, images: np.ndarray) -> None:
+    """Images as cell_00000.png...; bool masks as 0/255 grayscale."""
     folder.mkdir(parents=True, exist_ok=True)
     for stale in folder.glob("cell_*.png"):  # leftovers of an earlier, larger run
         stale.unlink()
     for i, img in enumerate(images):
-        Image.fromarray(np.ascontiguousarray(img)).save(folder / f"cell_{i:05d}.png", optimize=False)
+        pixels = img.astype(np.uint8) * 255 if img.dtype == bool else img
+        Image.fromarray(np.ascontiguousarray(pixels)).save(folder / f"cell_{i:05d}.png", optimize=False)
 
 
 def write_demo_dataset(
@@ -327,8 +341,10 @@ def write_demo_dataset(
 ) -> dict[str, Path]:
     """Write PNG folders under root and return their paths keyed:
     'train' (good only, n_train images), 'calibrate_good', 'calibrate_anomalous' (n_calibrate each),
-    'test_good', 'test_anomalous' (n_test each). Files named like cell_00000.png. Different splits
-    use different seeds derived from `seed` so no image repeats across splits.
+    'test_good', 'test_anomalous' (n_test each). The anomalous splits' defect masks go to
+    root/masks/calibrate_anomalous and root/masks/test_anomalous under the same file names (255 where
+    a defect changed the cell). Files named like cell_00000.png. Different splits use different seeds
+    derived from `seed` so no image repeats across splits.
 
     Existing ``cell_*.png`` files in those folders are replaced; other files are left alone."""
     root = Path(root)
@@ -342,7 +358,9 @@ def write_demo_dataset(
     paths: dict[str, Path] = {}
     for name, anomalous, tag in _SPLITS:
         folder = root / name
-        images = draw_cells(counts[name], anomalous=anomalous, size=size, seed=_split_seed(seed, tag))
+        images, masks = draw_cells_and_masks(counts[name], anomalous=anomalous, size=size, seed=_split_seed(seed, tag))
         _write_pngs(folder, images)
         paths[name] = folder
+        if anomalous:
+            _write_pngs(root / "masks" / name, masks)
     return paths

@@ -231,3 +231,30 @@ def test_import_is_light():
     code = "import sys, aadetect.synthetic; print(sorted(m for m in ('torch', 'scipy') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+# --- defect masks ----------------------------------------------------------------------
+
+
+def test_the_masks_cover_exactly_where_the_defects_changed_the_good_twin():
+    """An anomalous cell is its good twin (same seed) plus defects: the twins differ inside the mask only."""
+    from aadetect.synthetic import draw_cells_and_masks
+
+    anomalous, masks = draw_cells_and_masks(12, anomalous=True, size=48, seed=7)
+    good, no_masks = draw_cells_and_masks(12, anomalous=False, size=48, seed=7)
+    assert np.array_equal(anomalous, draw_cells(12, anomalous=True, size=48, seed=7)) and not no_masks.any()
+    changed = (np.abs(anomalous.astype(int) - good.astype(int)) > 0.05 * 255 + 1).any(axis=-1)
+    assert changed.any(axis=(1, 2)).all() and not (changed & ~masks).any()
+    assert (0.002 < masks.mean(axis=(1, 2))).all() and (masks.mean(axis=(1, 2)) < 0.25).all()
+
+
+def test_the_demo_writes_a_mask_for_each_anomalous_image(tmp_path):
+    paths = write_demo_dataset(tmp_path / "demo", seed=3, size=32, n_train=2, n_calibrate=2, n_test=3)
+    for split in ("calibrate_anomalous", "test_anomalous"):
+        masks = tmp_path / "demo" / "masks" / split
+        assert sorted(f.name for f in masks.iterdir()) == sorted(f.name for f in paths[split].iterdir())
+        for mask in masks.iterdir():
+            with Image.open(mask) as im:
+                values = np.asarray(im)
+            assert im.mode == "L" and im.size == (32, 32) and set(np.unique(values)) == {0, 255}
+    assert not (tmp_path / "demo" / "masks" / "test_good").exists()
