@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from aadetect.density import map_radius
+from aadetect.density import KernelDensity, map_radius
 
 MAX_CLAIMED = 0.1  # of the training codes
 MAX_ROUNDS = 50
@@ -133,8 +133,8 @@ class AnomalyKind:
 
     lookalikes: tuple[int, ...]
     centres: np.ndarray | None
-    good: object  # KernelDensity
-    mixture: object | None  # KernelDensity
+    good: KernelDensity
+    mixture: KernelDensity | None
 
     @classmethod
     def of(cls, trained, lookalikes, centres) -> AnomalyKind:

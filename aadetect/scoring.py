@@ -97,9 +97,9 @@ def decide(measured: Measurements, thresholds: Thresholds) -> Scores:
 class Detector:
     """A trained autoencoder (its adversarial prior is optional) with its latent KDE and decision thresholds.
 
-    `kind`: what calibration learnt from labelled anomalous samples (`aadetect.lookalikes.AnomalyKind`), or
-    None: the training codes that look like them are then left out of the density, and each image's
-    log-odds of being of their kind is measured too.
+    `kind`: what calibration learnt from labelled anomalous samples (`aadetect.lookalikes.AnomalyKind`),
+    or None for a model calibrated without them. With a kind, the training codes that look like the
+    samples are left out of the density, and each image's log-odds of being of their kind is measured too.
     """
 
     def __init__(self, model, density, thresholds: Thresholds, *, error_measure: str, shift_radius: int,

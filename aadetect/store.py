@@ -354,7 +354,11 @@ def save_checkpoint(path: Path, state: dict) -> None:
 
 def write_names(path: Path, names: list[str]) -> None:
     """One file name a line, as the bytes the file system gave (a name need not be UTF-8 on Linux)."""
-    write_bytes_atomic(path, "".join(name + "\n" for name in names).encode("utf-8", "surrogateescape"))
+    write_bytes_atomic(path, _names_bytes(names))
+
+
+def _names_bytes(names: list[str]) -> bytes:
+    return "".join(name + "\n" for name in names).encode("utf-8", "surrogateescape")
 
 
 def save_trained(model_dir: Path, card: ModelCard, model, density, *, validation: list[str], rejected: list[str],
@@ -362,10 +366,9 @@ def save_trained(model_dir: Path, card: ModelCard, model, density, *, validation
     """Write a trained model's folder whole, replacing any model there; returns the card with its checksums."""
     held_out = io.BytesIO()
     np.savez(held_out, view_codes=held_out_codes, reconstruction_error=held_out_errors)
-    names = lambda listed: "".join(name + "\n" for name in listed).encode("utf-8", "surrogateescape")  # noqa: E731
     contents = {WEIGHTS_FILE: _serialised(model.state_dict()), DENSITY_FILE: density.to_bytes(),
-                HELD_OUT_FILE: held_out.getvalue(), VALIDATION_FILE: names(validation),
-                REJECTED_FILE: names(rejected), DENSITY_IMAGES_FILE: names(density_images)}
+                HELD_OUT_FILE: held_out.getvalue(), VALIDATION_FILE: _names_bytes(validation),
+                REJECTED_FILE: _names_bytes(rejected), DENSITY_IMAGES_FILE: _names_bytes(density_images)}
     card = dataclasses.replace(card, files={name: hashlib.sha256(contents[name]).hexdigest() for name in CHECKED_FILES})
     contents[CARD_FILE] = card.to_yaml().encode("utf-8")
     with staged_directory(model_dir) as staging:
