@@ -149,6 +149,11 @@ class ModelCard:
     def settings(self) -> TrainConfig:
         return self.training.settings
 
+    @property
+    def shift_radius(self) -> int:
+        """The shift radius the model is scored with (`TrainConfig.views_radius`)."""
+        return self.settings.views_radius(self.architecture.code_grid)
+
     def to_yaml(self) -> str:
         return yaml.safe_dump(_plain(dataclasses.asdict(self)), sort_keys=False, allow_unicode=True)
 
@@ -201,8 +206,10 @@ class ModelCard:
         for name, size in sizes.items():  # torch would warn, then fail, on a zero-sized layer
             if size < 1:
                 raise UserError(f"{source}: architecture.{name} must be positive, got {size}")
-        if arch.extra_convs != self.settings.extra_convs or arch.latent_dim != self.settings.latent_dim:
-            raise UserError(f"{source}: architecture and training.settings disagree on extra_convs or latent_dim")
+        if (arch.extra_convs != self.settings.extra_convs
+                or (arch.code_grid, arch.latent_dim) != self.settings.code_shape(arch.image_size)):
+            raise UserError(f"{source}: architecture and training.settings disagree on extra_convs, code_grid or "
+                            f"latent_dim")
         lookalikes = self.calibration.lookalike_codes if self.calibration else []
         if any(not 0 <= i < self.density.n_codes for i in lookalikes) or len(set(lookalikes)) != len(lookalikes):
             raise UserError(f"{source}: calibration.lookalike_codes must be distinct code numbers from 0 to "

@@ -40,7 +40,7 @@ MESSAGE_LIMIT = 400  # characters of an error line: a message naming thousands o
 MAX_PATH_BYTES = 1 << 16  # a longer line on stdin is not a path
 SCORE_CHUNK = 4096  # inputs scored at a time
 SCORE_FIELDS = ("path", "reconstruction_error", "log_density", "anomaly_log_odds", "score", "anomaly", "reason",
-                "error")
+                "peak_x", "peak_y", "heatmap", "error")
 
 
 class ScoreFormat(str, Enum):
@@ -170,9 +170,14 @@ def train(
     epochs: Annotated[int, typer.Option(help="Most training epochs (early stopping may end sooner).")
                       ] = TrainConfig.epochs,
     image_size: Annotated[int, typer.Option(help="Side in pixels the images are resized to; 0 = auto: the "
-                                                 "images' own size (to a multiple of 4) up to 32, else 64.")
-                          ] = TrainConfig.image_size,
-    latent_dim: Annotated[int, typer.Option(help="Size of the bottleneck code.")] = TrainConfig.latent_dim,
+                                                 "images' own size (to a multiple of 4) up to 32, 64 up to 127, "
+                                                 "else 128.")] = TrainConfig.image_size,
+    code_grid: Annotated[int, typer.Option(help="Codes per image side: 1, one code for the whole image; N (a "
+                                                "power of 2), one code per neighbourhood, each with a density "
+                                                "of its own; 0 = auto: 1 below 128 px, else one per 8x8 pixels.")
+                         ] = TrainConfig.code_grid,
+    latent_dim: Annotated[int, typer.Option(help="Numbers in each code; 0 = auto: 32 for one code per image, "
+                                                 "8 for a code grid.")] = TrainConfig.latent_dim,
     batch_size: Annotated[int, typer.Option(help="Images per training step.")] = TrainConfig.batch_size,
     error: Annotated[ErrorMeasure, typer.Option(help="Reconstruction error measure. ssim: the structural "
                                                      "dissimilarity of the worst 10% of pixels, each divided by "
@@ -207,7 +212,8 @@ def train(
     quiet: QuietOption = False,
 ) -> None:
     """Train a detector on a folder of good images and write a model folder with its card."""
-    config = TrainConfig(epochs=epochs, image_size=image_size, latent_dim=latent_dim, batch_size=batch_size,
+    config = TrainConfig(epochs=epochs, image_size=image_size, code_grid=code_grid, latent_dim=latent_dim,
+                         batch_size=batch_size,
                          error=error.value, code_radius=code_radius.value, extra_convs=extra_convs,
                          shift_radius=shift_radius, seed=seed, device=device,
                          adversarial=adversarial, robust=robust, strict=strict, memory_limit_mb=memory_limit_mb)
@@ -274,6 +280,7 @@ def calibrate(
 
 @app.command(epilog=examples(
     "aadetect score img.png",
+    "aadetect score photos/ --heatmaps maps/ --format csv > scores.csv",
     "find incoming -name '*.png' | aadetect score - --format jsonl | jq 'select(.anomaly)'"))
 @user_errors
 def score(
@@ -283,26 +290,40 @@ def score(
     format: Annotated[ScoreFormat, typer.Option("--format", "-f", help="Output format.")] = ScoreFormat.table,
     null: Annotated[bool, typer.Option("--null", "-0", help="Paths on stdin are NUL-separated "
                                                              "(for names with newlines).")] = False,
+    heatmaps: Annotated[Path | None, typer.Option(help="Write each image with its anomaly map over it to "
+                                                       "DIR/<name>.heatmap.png.", metavar="DIR")] = None,
     device: DeviceOption = "auto",
     quiet: QuietOption = False,
 ) -> None:
-    """Score images. Exit status: 0 all normal, 1 some anomalous, 2 usage error or unreadable input,
+    """Score images. Each row says where the anomaly map peaks (peak_x, peak_y, in the image's own pixels).
+    Exit status: 0 all normal, 1 some anomalous, 2 usage error or unreadable input,
     130 interrupted, 141 the reader of the output left early (e.g. `| head`), 3 a bug in aadetect."""
+    from aadetect.heatmaps import HeatmapFolder
     from aadetect.images import Unreadable, expand
     from aadetect.scoring import Detector
 
     detector = Detector.load(model, device)
+    drawn = None
+    if heatmaps is not None:
+        heatmaps.mkdir(parents=True, exist_ok=True)
+        drawn = HeatmapFolder(heatmaps)
     writer = RowWriter(format)
     unreadable = anomalous = False
     inputs = expand(read_paths(paths, null))
     while chunk := list(itertools.islice(inputs, SCORE_CHUNK)):  # memory stays flat on an endless stdin
-        results = detector.score_images([item for item in chunk if not isinstance(item, Unreadable)])
+        results = detector.score_images([item for item in chunk if not isinstance(item, Unreadable)],
+                                        maps=drawn is not None)
         for item in chunk:  # input order, bad paths and bad images alike
             if isinstance(item, Unreadable):
                 ref_name, row, error = item.name, None, item.message
             else:
                 ref, row, error = next(results)
                 ref_name = ref.name
+                if row is not None and drawn is not None:
+                    try:
+                        row["heatmap"] = str(drawn.write(ref, row.pop("anomaly_map")))
+                    except UserError as exc:  # the file changed since it was scored
+                        row, error = None, str(exc)
             if error is not None:  # said even with --quiet: it decides the exit status
                 unreadable = True
                 error = first_line(error, MESSAGE_LIMIT)
@@ -428,15 +449,21 @@ def score_table(rows: list[dict]):
     from rich.text import Text
 
     with_odds = any(row.get("anomaly_log_odds") is not None for row in rows)  # models calibrated with anomalies
-    names = [name for name in SCORE_FIELDS[:-1] if with_odds or name != "anomaly_log_odds"]
-    table = Table(*(Column(name, overflow="fold") if name in ("path", "reason") else name for name in names))
+    with_heatmaps = any(row.get("heatmap") is not None for row in rows)
+    names = [name for name in SCORE_FIELDS[:-1] if (with_odds or name != "anomaly_log_odds")
+             and (with_heatmaps or name != "heatmap") and name != "peak_y"]
+    names[names.index("peak_x")] = "peak"  # one column, x,y: the table must fit a terminal
+    table = Table(*(Column(name, overflow="fold") if name in ("path", "reason", "heatmap") else name
+                    for name in names))
     for row in rows:  # Text, not str: paths are data, never markup
         if row["error"]:
             table.add_row(Text(row["path"]), *[""] * (len(names) - 2), Text(row["error"], style="red"))
         else:
             odds = [f"{row['anomaly_log_odds']:.4g}"] if with_odds else []
+            heatmap = [Text(row["heatmap"] or "")] if with_heatmaps else []
             table.add_row(Text(row["path"]), f"{row['reconstruction_error']:.6g}", f"{row['log_density']:.6g}",
-                          *odds, f"{row['score']:.4g}", "yes" if row["anomaly"] else "no", row["reason"])
+                          *odds, f"{row['score']:.4g}", "yes" if row["anomaly"] else "no", row["reason"],
+                          f"{row['peak_x']},{row['peak_y']}", *heatmap)
     return table
 
 

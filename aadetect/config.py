@@ -11,7 +11,10 @@ ERROR_MEASURES = ("ssim", "scaled-mse", "mse")  # each wins on some benchmark (d
 SCALED_MEASURES = ("ssim", "scaled-mse")  # divided by a per-pixel scale measured on good images (model.error_scale)
 CODE_RADII = ("sqrt", "linear")  # how a code's length enters the KDE (density.map_radius)
 OBJECTIVES = ("balanced-accuracy", "f1")  # what calibration's joint threshold search maximises
-AUTO = 0  # image_size == AUTO: pick the size from the data
+AUTO = 0  # image_size, latent_dim or code_grid == AUTO: pick it from the data
+LOCAL_IMAGE_SIZE = 128  # from this size on, a code describes each neighbourhood (code_grid > 1) by default
+LOCAL_CELL = 8  # pixels per side of the neighbourhood a local code describes by default
+GLOBAL_LATENT, LOCAL_LATENT = 32, 8  # default code sizes: one code per image; one per neighbourhood
 MAX_SHIFT_RADIUS = 2  # (2r + 1)^2 forward passes an image: 25 at most
 MAX_EPOCHS = 100_000
 MAX_BATCH_SIZE = 1 << 20
@@ -28,7 +31,7 @@ class TrainConfig:
 
     epochs: int = 20
     image_size: int = AUTO
-    latent_dim: int = 32
+    latent_dim: int = AUTO  # numbers in each code; default GLOBAL_LATENT, or LOCAL_LATENT for a code grid
     batch_size: int = 64
     error: str = "ssim"  # a small local defect is not diluted by the many pixels rebuilt well
     seed: int = 0
@@ -36,6 +39,7 @@ class TrainConfig:
     learning_rate: float = 1e-3
     code_radius: str = "sqrt"  # a code's direction says more about content than its length
     extra_convs: int = 1  # 3x3 convolutions after each resolution change
+    code_grid: int = AUTO  # codes per image side: 1 (one code per image) below LOCAL_IMAGE_SIZE, else one per cell
     shift_radius: int = 1  # the density is averaged over the image moved by up to this many pixels
     adversarial: bool = False  # the Gaussian prior squeezes unusual codes into its dense centre
     robust: bool = True
@@ -54,8 +58,10 @@ class TrainConfig:
             raise UserError(f"--image-size must be 0 (auto) or a multiple of 4 that is at least 8, got {self.image_size}")
         if self.image_size > 512:
             raise UserError(f"--image-size must be at most 512, got {self.image_size}")
-        if self.latent_dim < 1 or self.latent_dim > 256:
-            raise UserError(f"--latent-dim must be between 1 and 256, got {self.latent_dim}")
+        if self.latent_dim < 0 or self.latent_dim > 256:
+            raise UserError(f"--latent-dim must be 0 (auto) or between 1 and 256, got {self.latent_dim}")
+        if not 0 <= self.code_grid <= 128 or self.code_grid & (self.code_grid - 1):
+            raise UserError(f"--code-grid must be 0 (auto) or a power of 2 up to 128, got {self.code_grid}")
         if not 2 <= self.batch_size <= MAX_BATCH_SIZE:  # torch's sizes are 64-bit: a larger one overflows
             raise UserError(f"--batch-size must be between 2 and {MAX_BATCH_SIZE:,}, got {self.batch_size}")
         check_seed(self.seed)
@@ -80,6 +86,17 @@ class TrainConfig:
             raise UserError(f"reject_z (the robust rule's cut, in robust z-scores) must be a positive number, "
                             f"got {self.reject_z}")
 
+    def code_shape(self, image_size: int) -> tuple[int, int]:
+        """(code grid side, numbers per code) for images of this size: the settings, or their defaults.
+        Large images get a grid: one code for a whole image cannot hold "a thin crack at the lower left"."""
+        grid = self.code_grid or (1 if image_size < LOCAL_IMAGE_SIZE else image_size // LOCAL_CELL)
+        return grid, self.latent_dim or (GLOBAL_LATENT if grid == 1 else LOCAL_LATENT)
+
+    def views_radius(self, grid: int) -> int:
+        """The shift radius scoring uses: none for a code grid, whose neighbourhoods are compared position by
+        position at the grid's own scale, where a pixel's shift is no change."""
+        return self.shift_radius if grid == 1 else 0
+
 
 @dataclass(frozen=True)
 class Architecture:
@@ -91,17 +108,28 @@ class Architecture:
     widths: tuple[int, ...]
     discriminator_width: int
     extra_convs: int  # stride-1 3x3 convolutions after each resolution change
+    code_grid: int  # codes per side: 1, one code for the image; more, one code per neighbourhood
 
     @classmethod
-    def for_images(cls, image_size: int, channels: int, latent_dim: int, extra_convs: int) -> Architecture:
-        """Halve the image until it is small and odd-or-4: one conv stage per halving."""
+    def for_images(cls, image_size: int, channels: int, latent_dim: int, extra_convs: int,
+                   grid: int = 1) -> Architecture:
+        """Halve the image until it is small and odd-or-4 (one code), or down to the code grid: one conv
+        stage per halving."""
+        cell = image_size // grid
+        if grid > 1 and (cell * grid != image_size or cell < 2 or cell & (cell - 1)):
+            raise UserError(f"--code-grid {grid} must divide --image-size {image_size} by a power of 2 (at least 2)")
         widths: list[int] = []
         size = image_size
-        while size % 2 == 0 and size > 4:
-            widths.append(min(16 * 2 ** len(widths), 128))
+        while (size > grid if grid > 1 else size % 2 == 0 and size > 4):
+            widths.append(min(16 * 2 ** len(widths), 128) if grid == 1 else min(32 * 2 ** len(widths), 128))
             size //= 2
         return cls(image_size=image_size, channels=channels, latent_dim=latent_dim, widths=tuple(widths),
-                   discriminator_width=256, extra_convs=extra_convs)
+                   discriminator_width=256, extra_convs=extra_convs, code_grid=grid)
+
+    @property
+    def code_numbers(self) -> int:
+        """Numbers in one image's codes: one code, or one per grid position."""
+        return self.latent_dim * self.code_grid ** 2
 
     @property
     def bottom_size(self) -> int:

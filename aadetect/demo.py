@@ -28,10 +28,11 @@ def run_demo(out: str | Path, *, seed: int = 0, epochs: int = DEMO_EPOCHS, train
     reporter = reporter or Reporter()
     config = demo_config(seed, epochs)  # checked before any image is written
     # the KDE needs more codes than dimensions, with room for the images robust training leaves out
+    latent_dim = config.code_shape(config.image_size)[1]
     fewest = next(n for n in range(1, 100_000)
-                  if n - validation_size(n, config.validation_fraction) >= 3 * config.latent_dim // 2)
+                  if n - validation_size(n, config.validation_fraction) >= 3 * latent_dim // 2)
     if train_images < fewest:
-        raise UserError(f"--train-images must be at least {fewest} (1.5 times the {config.latent_dim} latent "
+        raise UserError(f"--train-images must be at least {fewest} (1.5 times the {latent_dim} latent "
                         f"dimensions, plus the held-out images), got {train_images}")
     out = Path(out)
     folders = write_demo_dataset(out / "data", seed=seed, size=DEMO_IMAGE_SIZE, n_train=train_images)

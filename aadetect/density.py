@@ -41,7 +41,7 @@ from aadetect.atomic import write_atomic
 from aadetect.config import CODE_RADII
 from aadetect.parallel import piece_pool
 
-__all__ = ["KernelDensity", "map_radius"]
+__all__ = ["GridDensity", "KernelDensity", "map_radius"]
 
 _STATE_KEYS = ("codes", "covariance", "bandwidth", "factor", "radius")
 QUERY_TILE = 64  # queries x CODE_TILE float64 tiles (1 MiB) stay in cache between product and exp
@@ -438,13 +438,7 @@ class KernelDensity:
 
     def to_bytes(self) -> bytes:
         """The ``.npz`` that ``save`` writes, as bytes."""
-        state = self.state_dict()
-        buffer = io.BytesIO()
-        np.savez(buffer, codes=np.asarray(state["codes"], dtype=np.float64),
-                 covariance=np.asarray(state["covariance"], dtype=np.float64),
-                 bandwidth=np.asarray(state["bandwidth"], dtype=np.str_),
-                 factor=np.asarray(state["factor"], dtype=np.float64), radius=np.asarray(state["radius"], dtype=np.str_))
-        return buffer.getvalue()
+        return _npz_bytes(self.state_dict())
 
     @classmethod
     def load(cls, path: Path) -> "KernelDensity":
@@ -474,3 +468,144 @@ class KernelDensity:
             return cls.from_state_dict(state)
         except ValueError as error:
             raise ValueError(f"{path}: {error}") from None
+
+
+class GridDensity:
+    """One Gaussian KDE per position of a code grid, each over the good images' codes at that position.
+
+    A neighbourhood is compared with the same neighbourhood of the good images: a dark corner is
+    normal on a monocrystalline cell and a dark patch in its middle is not, which one density over
+    every position's codes could not tell apart. scipy fits each position's kernel (the bandwidth
+    factor depends only on n and d, so it is the same everywhere); torch evaluates them all at once.
+
+    Codes come flattened, one row per image: (n, positions * d), position-major, as
+    ``model.flat_codes`` lays them out. ``log_density`` is the image's lowest local log-density
+    (a defect is as unlikely as its least likely neighbourhood); ``local_log_density`` gives them all.
+    """
+
+    def __init__(self, codes: np.ndarray, covariances: np.ndarray, bandwidth: str, factor: float, radius: str):
+        codes = np.array(codes, dtype=np.float64, copy=True)
+        covariances = np.array(covariances, dtype=np.float64, copy=True)
+        if codes.ndim != 3 or min(codes.shape) < 1:
+            raise ValueError(f"grid codes must have shape (positions, n_codes, dim), got {codes.shape}")
+        positions, n, d = codes.shape
+        if covariances.shape != (positions, d, d):
+            raise ValueError(f"covariances must have shape ({positions}, {d}, {d}), got {covariances.shape}")
+        if not (np.isfinite(codes).all() and np.isfinite(covariances).all()):
+            raise ValueError("grid codes or covariances contain NaN or infinite values")
+        if radius not in CODE_RADII:
+            raise ValueError(f"radius must be one of {', '.join(CODE_RADII)}, got {radius!r}")
+        if not math.isfinite(factor) or factor <= 0.0:
+            raise ValueError(f"factor must be a positive finite number, got {factor!r}")
+        self._codes, self._covariances = codes, covariances
+        self._bandwidth, self._factor, self._radius = bandwidth, float(factor), radius
+        self._chol = np.stack([_cholesky_lower(covariance, n) for covariance in covariances])
+        log_det = 2.0 * np.log(np.diagonal(self._chol, axis1=1, axis2=2)).sum(1)
+        self._log_norm = math.log(n) + 0.5 * (d * math.log(2.0 * math.pi) + log_det)  # (positions,)
+        self._cache: dict[str, tuple[Any, Any, Any, Any]] = {}
+
+    @classmethod
+    def fit(cls, codes: np.ndarray, positions: int, bandwidth: str | float = "scott",
+            radius: str = "linear") -> "GridDensity":
+        """Fit ``scipy.stats.gaussian_kde`` at each position to codes (n, positions * d)."""
+        codes = np.asarray(codes, dtype=np.float64)
+        n = len(codes)
+        grid = codes.reshape(n, positions, -1).transpose(1, 0, 2)
+        fitted = [KernelDensity.fit(grid[p], bandwidth, radius) for p in range(positions)]
+        return cls(np.stack([kde.codes for kde in fitted]), np.stack([kde.covariance for kde in fitted]),
+                   fitted[0].bandwidth, fitted[0].factor, radius)
+
+    @property
+    def n_codes(self) -> int:
+        return int(self._codes.shape[1])
+
+    @property
+    def positions(self) -> int:
+        return int(self._codes.shape[0])
+
+    @property
+    def dim(self) -> int:
+        """Numbers in one image's codes: positions * the size of one local code."""
+        return int(self._codes.shape[0] * self._codes.shape[2])
+
+    @property
+    def bandwidth(self) -> str:
+        return self._bandwidth
+
+    @property
+    def factor(self) -> float:
+        return self._factor
+
+    @property
+    def radius(self) -> str:
+        return self._radius
+
+    def __repr__(self) -> str:
+        return (f"GridDensity(positions={self.positions}, n_codes={self.n_codes}, dim={self._codes.shape[2]}, "
+                f"bandwidth={self._bandwidth!r}, factor={self._factor:.6g}, radius={self._radius!r})")
+
+    def _device_state(self, device: Any):
+        """(chol, centre, whitened codes (P, n, d), their halved squared norms (P, 1, n)) on ``device``."""
+        key = str(device)
+        if key not in self._cache:
+            chol = torch.from_numpy(self._chol).to(device)
+            codes = torch.from_numpy(self._codes).to(device)
+            centre = codes.mean(1, keepdim=True)
+            whitened = torch.linalg.solve_triangular(chol, (codes - centre).transpose(1, 2), upper=False)
+            whitened = whitened.transpose(1, 2).contiguous()
+            self._cache[key] = (chol, centre, whitened, 0.5 * whitened.square().sum(2)[:, None, :])
+        return self._cache[key]
+
+    def local_log_density(self, queries, *, device: Any = "cpu") -> np.ndarray:
+        """Each image's log-density at each position, (m, positions) float64, for codes (m, positions * d).
+        A query's value depends only on the query and the batch shape, as with KernelDensity."""
+        q = torch.as_tensor(queries).detach().to(device=device, dtype=torch.float64)
+        positions, _, d = self._codes.shape
+        if q.ndim != 2 or q.shape[1] != positions * d:
+            raise ValueError(f"queries must have shape (m, {positions * d}), got {tuple(q.shape)}")
+        if not bool(torch.isfinite(q).all()):
+            raise ValueError("queries contain NaN or infinite values")
+        m = len(q)
+        q = map_radius(q.reshape(m * positions, d), self._radius).reshape(m, positions, d).transpose(0, 1)
+        with torch.inference_mode():
+            chol, centre, codes, halved_norms = self._device_state(q.device)
+            whitened = torch.linalg.solve_triangular(chol, (q - centre).transpose(1, 2), upper=False).transpose(1, 2)
+            # -|a - b|^2 / 2 = a.b - |a|^2 / 2 - |b|^2 / 2, clamped at 0 against rounding
+            exponent = torch.baddbmm(halved_norms, whitened, codes.transpose(1, 2), beta=-1.0)
+            exponent = (exponent - 0.5 * whitened.square().sum(2, keepdim=True)).clamp_(max=0.0)
+            log_density = exponent.logsumexp(2) - torch.from_numpy(self._log_norm).to(q.device)[:, None]
+            return log_density.T.cpu().numpy()
+
+    def log_density(self, queries, *, device: Any = "cpu") -> np.ndarray:
+        """Each image's lowest local log-density (m,)."""
+        return self.local_log_density(queries, device=device).min(1)
+
+    def state_dict(self) -> dict:
+        return {"codes": self._codes.copy(), "covariance": self._covariances.copy(), "bandwidth": self._bandwidth,
+                "factor": self._factor, "radius": self._radius}
+
+    @classmethod
+    def from_state_dict(cls, state: dict) -> "GridDensity":
+        missing = [key for key in _STATE_KEYS if key not in state]
+        if missing:
+            raise ValueError(f"density state is missing {', '.join(missing)}")
+        text = {key: str(np.asarray(state[key]).item()) for key in ("bandwidth", "radius")}
+        try:
+            factor = float(np.asarray(state["factor"]))
+        except (TypeError, ValueError):
+            raise ValueError("density factor must be a number") from None
+        return cls(np.asarray(state["codes"], dtype=np.float64), np.asarray(state["covariance"], dtype=np.float64),
+                   text["bandwidth"], factor, text["radius"])
+
+    def to_bytes(self) -> bytes:
+        return _npz_bytes(self.state_dict())
+
+
+def _npz_bytes(state: dict) -> bytes:
+    """A density's state as the ``.npz`` the model folder holds (numbers and strings, no pickles)."""
+    buffer = io.BytesIO()
+    np.savez(buffer, codes=np.asarray(state["codes"], dtype=np.float64),
+             covariance=np.asarray(state["covariance"], dtype=np.float64),
+             bandwidth=np.asarray(state["bandwidth"], dtype=np.str_),
+             factor=np.asarray(state["factor"], dtype=np.float64), radius=np.asarray(state["radius"], dtype=np.str_))
+    return buffer.getvalue()

@@ -20,6 +20,7 @@ from numpy.lib import format as npy
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import DataLoader
 
+from aadetect.config import LOCAL_IMAGE_SIZE
 from aadetect.errors import UserError, first_line
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
@@ -235,6 +236,22 @@ def image_mode(ref: ImageRef) -> tuple[int, int, int]:
 
 def decode(ref: ImageRef, size: int, channels: int) -> np.ndarray:
     """Pixels as uint8 (channels, size, size): the model's input, identical for train and score."""
+    return decode_sized(ref, size, channels)[0]
+
+
+def decode_sized(ref: ImageRef, size: int, channels: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """`decode`, with the image's own (width, height): where a map's peak lies in the original."""
+    return _decoded(ref, lambda image: (_finish(image, size, channels), image.size))
+
+
+def original_image(ref: ImageRef):
+    """The image at its own size and orientation, in RGB or L, for drawing its heatmap on; the same checks as
+    `decode`."""
+    return _decoded(ref, lambda image: _finish(image, 0, 3 if image.mode not in GRAYSCALE_MODES else 1,
+                                               as_image=True))
+
+
+def _decoded(ref: ImageRef, finish):
     if ref.index is not None:
         array = _read_array(ref.path, ref.shown)
         if ref.index >= len(array):
@@ -243,11 +260,11 @@ def decode(ref: ImageRef, size: int, channels: int) -> np.ndarray:
         if pixels.ndim == 3 and pixels.shape[-1] == 1:
             pixels = pixels[..., 0]
         image = Image.fromarray(np.ascontiguousarray(pixels[..., :3]) if pixels.ndim == 3 else pixels)
-        return _finish(image, size, channels)
+        return finish(image)
     try:
         with _open(ref) as image:
             image.load()
-            return _finish(_upright(image), size, channels)
+            return finish(_upright(image))
     except UserError:
         raise
     except Exception as exc:  # Pillow raises many types on corrupt data
@@ -302,8 +319,9 @@ def _upright(image):
     return image
 
 
-def _finish(image, size: int, channels: int) -> np.ndarray:
-    """Convert to L or RGB (16-bit scaled, alpha dropped), resize, and lay out as (C, H, W)."""
+def _finish(image, size: int, channels: int, *, as_image: bool = False):
+    """Convert to L or RGB (16-bit scaled, alpha dropped), resize (size 0: keep its own), and lay out as
+    (C, H, W); or, `as_image`, give the Pillow image."""
     if image.mode.startswith("I") or image.mode == "F":
         values = np.asarray(image)
         if image.mode == "I" and image.format == "PNG":  # Pillow before 11 opens 16-bit PNGs as 32-bit "I"
@@ -315,18 +333,21 @@ def _finish(image, size: int, channels: int) -> np.ndarray:
     mode = "L" if channels == 1 else "RGB"
     if image.mode != mode:  # converting to its own mode would only copy
         image = image.convert(mode)
-    if image.size != (size, size):
+    if size and image.size != (size, size):
         image = image.resize((size, size), Image.Resampling.BILINEAR)
+    if as_image:
+        return image.copy() if image.mode == mode else image  # the caller outlives the opened file
     pixels = np.asarray(image, dtype=np.uint8)
     return pixels[None] if channels == 1 else np.ascontiguousarray(pixels.transpose(2, 0, 1))
 
 
 def choose_image_size(shapes: list[tuple[int, int, int]]) -> int:
     """Default model size: small images keep their own size (down to a multiple of 4; resampling
-    them up blurred strokes and cost accuracy on MNIST), anything larger is brought to 64 px."""
+    them up blurred strokes and cost accuracy on MNIST), mid-sized ones are brought to 64 px, and
+    large ones to 128 px, where a crack a pixel or two wide in a 300 px photo still shows."""
     sides = sorted(max(w, h) for w, h, _ in shapes)
     median = sides[len(sides) // 2]
-    return max(8, median // 4 * 4) if median <= 32 else 64
+    return max(8, median // 4 * 4) if median <= 32 else 64 if median < LOCAL_IMAGE_SIZE else LOCAL_IMAGE_SIZE
 
 
 @dataclass(frozen=True)
@@ -353,6 +374,7 @@ class Batch:
     indices: list[int]
     pixels: "torch.Tensor | None"  # uint8 (B, C, S, S)
     errors: list[tuple[int, str]]
+    sizes: list[tuple[int, int]]  # each decoded image's own (width, height)
 
     def pin_memory(self) -> Batch:
         """Called by DataLoader(pin_memory=True), so GPU copies can be asynchronous."""
@@ -370,17 +392,18 @@ class DecodedImages:
     def __len__(self) -> int:
         return len(self.refs)
 
-    def __getitem__(self, index: int) -> tuple[int, np.ndarray | None, str | None]:
+    def __getitem__(self, index: int) -> tuple[int, tuple[np.ndarray, tuple[int, int]] | None, str | None]:
         try:
-            return index, decode(self.refs[index], self.size, self.channels), None
+            return index, decode_sized(self.refs[index], self.size, self.channels), None
         except UserError as error:
             return index, None, str(error)
 
 
-def _collate(items: list[tuple[int, np.ndarray | None, str | None]]) -> Batch:
-    good = [(i, pixels) for i, pixels, _ in items if pixels is not None]
-    pixels = torch.from_numpy(np.stack([p for _, p in good])) if good else None
-    return Batch([i for i, _ in good], pixels, [(i, e) for i, _, e in items if e is not None])
+def _collate(items: list[tuple[int, tuple[np.ndarray, tuple[int, int]] | None, str | None]]) -> Batch:
+    good = [(i, decoded) for i, decoded, _ in items if decoded is not None]
+    pixels = torch.from_numpy(np.stack([decoded[0] for _, decoded in good])) if good else None
+    return Batch([i for i, _ in good], pixels, [(i, e) for i, _, e in items if e is not None],
+                 [decoded[1] for _, decoded in good])
 
 
 def iterate_batches(refs: list[ImageRef], size: int, channels: int, batch_size: int,

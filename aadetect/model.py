@@ -18,7 +18,8 @@ def refinement(width: int, count: int, activation) -> list[nn.Module]:
 
 
 class Encoder(nn.Module):
-    """Strided convolutions down to a few pixels, then a linear map to the latent code."""
+    """Strided convolutions down to a few pixels, then a linear map to the latent code (B, d); or, for a
+    code grid, down to the grid, then a 1x1 convolution to one code per neighbourhood (B, d, G, G)."""
 
     def __init__(self, arch: Architecture):
         super().__init__()
@@ -30,10 +31,13 @@ class Encoder(nn.Module):
                        nn.BatchNorm2d(width), activation(), *refinement(width, arch.extra_convs, activation)]
             in_channels = width
         self.features = nn.Sequential(*layers)
-        self.to_code = nn.Linear(in_channels * arch.bottom_size ** 2, arch.latent_dim)
+        self.local = arch.code_grid > 1
+        self.to_code = (nn.Conv2d(in_channels, arch.latent_dim, 1) if self.local
+                        else nn.Linear(in_channels * arch.bottom_size ** 2, arch.latent_dim))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.to_code(self.features(images).flatten(1))
+        features = self.features(images)
+        return self.to_code(features if self.local else features.flatten(1))
 
 
 class Decoder(nn.Module):
@@ -43,7 +47,8 @@ class Decoder(nn.Module):
         super().__init__()
         widths = list(reversed(arch.widths))
         self.bottom = (widths[0], arch.bottom_size, arch.bottom_size)
-        self.from_code = nn.Sequential(nn.Linear(arch.latent_dim, widths[0] * arch.bottom_size ** 2),
+        self.from_code = nn.Sequential(nn.Conv2d(arch.latent_dim, widths[0], 1) if arch.code_grid > 1
+                                       else nn.Linear(arch.latent_dim, widths[0] * arch.bottom_size ** 2),
                                        nn.ReLU(inplace=True))
         layers: list[nn.Module] = []
         activation = lambda: nn.ReLU(inplace=True)  # noqa: E731
@@ -54,11 +59,12 @@ class Decoder(nn.Module):
         self.features = nn.Sequential(*layers)
 
     def forward(self, codes: torch.Tensor) -> torch.Tensor:
-        return self.features(self.from_code(codes).view(-1, *self.bottom))
+        return self.features(self.from_code(codes).reshape(-1, *self.bottom))
 
 
 class Discriminator(nn.Module):
-    """Tells codes drawn from the prior N(0, I) from codes made by the encoder."""
+    """Tells codes drawn from the prior N(0, I) from codes made by the encoder (each local code of a grid
+    on its own: the prior is on what one neighbourhood's code looks like)."""
 
     def __init__(self, arch: Architecture):
         super().__init__()
@@ -68,7 +74,7 @@ class Discriminator(nn.Module):
                                  nn.Linear(width, 1))
 
     def forward(self, codes: torch.Tensor) -> torch.Tensor:
-        return self.net(codes).squeeze(1)
+        return self.net(code_rows(codes)).squeeze(1)
 
 
 class AdversarialAutoencoder(nn.Module):
@@ -84,6 +90,17 @@ class AdversarialAutoencoder(nn.Module):
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         codes = self.encoder(images)
         return codes, self.decoder(codes)
+
+
+def flat_codes(codes: torch.Tensor) -> torch.Tensor:
+    """One row per image: (B, d) as it is; a grid's (B, d, G, G) as (B, G * G * d), position by position
+    (row-major), each position's d numbers together, as `density.GridDensity` reads them."""
+    return codes if codes.ndim == 2 else codes.permute(0, 2, 3, 1).flatten(1)
+
+
+def code_rows(codes: torch.Tensor) -> torch.Tensor:
+    """One row per code: (B, d) as it is; a grid's (B, d, G, G) as (B * G * G, d)."""
+    return codes if codes.ndim == 2 else flat_codes(codes).reshape(-1, codes.shape[1])
 
 
 SSIM_WINDOW, SSIM_SIGMA = 5, 1.0  # a small Gaussian window: 28-32 px images have few pixels to spare
@@ -127,6 +144,23 @@ def error_map(reconstruction: torch.Tensor, images: torch.Tensor, measure: str,
     return difference
 
 
+def pixel_error(reconstruction: torch.Tensor, images: torch.Tensor, measure: str,
+                scale: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-pixel error (B, H, W), channels averaged: what `reconstruction_error` pools into one number per
+    image, and the reconstruction side of the anomaly map."""
+    return error_map(reconstruction, images, measure, scale).square().mean(1)
+
+
+def pooled_error(per_pixel: torch.Tensor, measure: str) -> torch.Tensor:
+    """One error per image from `pixel_error`: the mean over the worst 10% of the pixels (ssim), or
+    over all of them."""
+    per_pixel = per_pixel.flatten(1)
+    if measure == "ssim":
+        worst = max(1, round(WORST_FRACTION * per_pixel.shape[1]))
+        return per_pixel.topk(worst, dim=1, sorted=False).values.mean(1)
+    return per_pixel.mean(1)
+
+
 def reconstruction_error(reconstruction: torch.Tensor, images: torch.Tensor, measure: str,
                          scale: torch.Tensor | None = None) -> torch.Tensor:
     """Per-image error: mean squared (mse); scaled-mse: mean squared after dividing each pixel's
@@ -135,12 +169,7 @@ def reconstruction_error(reconstruction: torch.Tensor, images: torch.Tensor, mea
     as scaled-mse, squared and averaged over the worst 10% of the pixels, so that a small defect (a
     parasite in a cell) is not diluted by the many pixels rebuilt well, and a texture rebuilt a
     little blurred counts less than a missing or extra part."""
-    difference = error_map(reconstruction, images, measure, scale)
-    if measure == "ssim":
-        per_pixel = difference.square().mean(1).flatten(1)
-        worst = max(1, round(WORST_FRACTION * per_pixel.shape[1]))
-        return per_pixel.topk(worst, dim=1, sorted=False).values.mean(1)
-    return difference.flatten(1).square().mean(1)
+    return pooled_error(pixel_error(reconstruction, images, measure, scale), measure)
 
 
 @torch.inference_mode()

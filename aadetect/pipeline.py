@@ -18,7 +18,7 @@ from aadetect.atomic import check_writable
 from aadetect.calibration import choose_thresholds, default_thresholds
 from aadetect.card import Calibration, DataInfo, DensityInfo, ModelCard, TrainingInfo
 from aadetect.config import AUTO, OBJECTIVES, SCALED_MEASURES, Architecture, TrainConfig, check_fraction
-from aadetect.density import KernelDensity
+from aadetect.density import GridDensity, KernelDensity
 from aadetect.devices import exact_math, flush_denormals, resolve_device
 from aadetect.errors import UserError, first_line
 from aadetect.images import ImageRef, ImagesOnDisk, choose_image_size, find_images, image_mode, load_images
@@ -190,12 +190,13 @@ def fit_detector(pixels, config: TrainConfig, *, device: str | None = None, on_s
         raise UserError(f"{data_label}: training takes uint8 pixels (0-255) shaped (N, C, S, S), as load_images "
                         f"gives; got {type(pixels).__name__} {getattr(pixels, 'dtype', '')} "
                         f"{tuple(getattr(pixels, 'shape', ()))}")
+    grid, latent_dim = config.code_shape(size)
+    arch = Architecture.for_images(size, channels, latent_dim, config.extra_convs, grid)
     train_count = len(pixels) - validation_size(len(pixels), config.validation_fraction)
-    if train_count <= config.latent_dim:  # the density needs more codes than dimensions: say so before training
+    if train_count <= latent_dim:  # the density needs more codes than dimensions: say so before training
         raise UserError(f"{data_label}: {train_count} training images (besides {len(pixels) - train_count} held "
-                        f"out) are too few for {config.latent_dim}-dimensional codes; use more images or a "
+                        f"out) are too few for {latent_dim}-dimensional codes; use more images or a "
                         f"smaller --latent-dim (below {train_count})")
-    arch = Architecture.for_images(size, channels, config.latent_dim, config.extra_convs)
     with exact_math(device), flush_denormals():
         result = train_autoencoder(pixels, arch, config, device, on_step=on_step, on_epoch=on_epoch,
                                    save_checkpoint=save_checkpoint, resume_from=resume_from)
@@ -203,11 +204,11 @@ def fit_detector(pixels, config: TrainConfig, *, device: str | None = None, on_s
     # default thresholds would rest on numbers that `score` does not give for the same images
     model = result.model.to(memory_format=torch.contiguous_format)
     fit_indices = np.setdiff1d(result.train_indices, result.rejected)
-    if len(fit_indices) <= config.latent_dim:  # as the check before training, now that outliers are known
+    if len(fit_indices) <= latent_dim:  # as the check before training, now that outliers are known
         discard_checkpoint()
         raise UserError(f"{data_label}: robust training left out {len(result.rejected)} of "
                         f"{len(result.train_indices)} training images as likely outliers, and the "
-                        f"{len(fit_indices)} kept are too few for {config.latent_dim}-dimensional codes; use more "
+                        f"{len(fit_indices)} kept are too few for {latent_dim}-dimensional codes; use more "
                         f"images, a smaller --latent-dim (below {len(fit_indices)}) or --no-robust")
     with exact_math(device):
         fit_images = pixels[torch.from_numpy(fit_indices)]
@@ -215,11 +216,12 @@ def fit_detector(pixels, config: TrainConfig, *, device: str | None = None, on_s
         if config.error in SCALED_MEASURES:
             model.error_scale.copy_(residual_scale(model, fit_images, device, config.error))
     try:
-        density = KernelDensity.fit(codes.double().numpy(), radius=config.code_radius)
+        density = (GridDensity.fit(codes.double().numpy(), grid * grid, radius=config.code_radius) if grid > 1
+                   else KernelDensity.fit(codes.double().numpy(), radius=config.code_radius))
     except ValueError as exc:
         discard_checkpoint()
         raise UserError(f"{data_label}: cannot fit the density ({exc})") from None
-    detector = Detector(model, density, None, error_measure=config.error, shift_radius=config.shift_radius,
+    detector = Detector(model, density, None, error_measure=config.error, shift_radius=config.views_radius(grid),
                         device=device)
     held_out_errors, held_out_codes = detector.encode_views(pixels[torch.from_numpy(result.validation_indices)])
     validation = detector.measure_codes(held_out_errors, held_out_codes)

@@ -23,7 +23,9 @@ from aadetect.card import Thresholds
 from aadetect.devices import exact_math, resolve_device
 from aadetect.errors import UserError
 from aadetect.images import ImageRef, ImagesOnDisk, iterate_batches, materialize
-from aadetect.model import reconstruction_error, shifted_views, to_input
+from aadetect.density import GridDensity
+from aadetect.heatmaps import in_original
+from aadetect.model import flat_codes, pixel_error, pooled_error, shifted_views, to_input
 from aadetect.parallel import piece_pool
 
 # Every forward pass sees a batch of exactly this many images (the last one padded), so an
@@ -44,6 +46,10 @@ class Measurements:
     reconstruction_error: np.ndarray
     log_density: np.ndarray
     anomaly_log_odds: np.ndarray | None = None
+    # where asked for (`maps=True`): each pixel's error, whose worst pixels make reconstruction_error (N, S, S),
+    # and, for a code grid, each neighbourhood's log-density, whose lowest is log_density (N, G, G)
+    reconstruction_map: np.ndarray | None = None
+    density_map: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.reconstruction_error)
@@ -90,8 +96,46 @@ def decide(measured: Measurements, thresholds: Thresholds) -> Scores:
     score = np.maximum(reconstruction_excess, density_excess)
     reason = np.select([too_different & (too_unlikely | looks_anomalous), too_different, too_unlikely,
                         looks_anomalous], ["both", "reconstruction", "density", "lookalike"], "none")
-    return Scores(measured.reconstruction_error, measured.log_density, measured.anomaly_log_odds, score=score,
+    return Scores(measured.reconstruction_error, measured.log_density, measured.anomaly_log_odds,
+                  measured.reconstruction_map, measured.density_map, score=score,
                   anomaly=too_different | too_unlikely | looks_anomalous, reason=reason)
+
+
+def anomaly_maps(measured: Measurements, thresholds: Thresholds) -> tuple[np.ndarray, np.ndarray]:
+    """The anomaly map of each image (N, S, S), float32, in the score's threshold units, and its
+    reconstruction part alone (to place a peak where the density's part is flat).
+
+    Each pixel's error and each neighbourhood's log-density (stretched bilinearly to the pixels) are put
+    on the scales `decide` puts the image's numbers on, and the larger is kept. An image's number pools
+    its map's worst part, so an image over a threshold has a map over it somewhere. A model with one
+    code per image has one density for the whole image: its density part is that, everywhere.
+    """
+    if measured.reconstruction_map is None:
+        raise ValueError("these measurements hold no maps: measure with maps=True")
+    with np.errstate(divide="ignore"):  # an error of exactly 0 is -inf: far below the threshold
+        reconstruction = ((np.log(measured.reconstruction_map.astype(np.float64)) - np.log(thresholds.reconstruction_cut))
+                          / thresholds.reconstruction.scale)
+    if measured.density_map is not None:
+        size = reconstruction.shape[-1]
+        local = torch.from_numpy(np.ascontiguousarray(measured.density_map, dtype=np.float64))[:, None]
+        log_density = torch.nn.functional.interpolate(local, size=(size, size), mode="bilinear",
+                                                      align_corners=False)[:, 0].numpy()
+    else:
+        log_density = measured.log_density[:, None, None]
+    density = (thresholds.density_cut - log_density) / thresholds.density.scale
+    if thresholds.anomaly_log_odds is not None and measured.anomaly_log_odds is not None:
+        odds = (measured.anomaly_log_odds - thresholds.odds_cut) / thresholds.anomaly_log_odds.scale
+        density = np.maximum(density, odds[:, None, None])
+    combined = np.maximum(reconstruction, density)
+    return combined.astype(np.float32), reconstruction.astype(np.float32)
+
+
+def peak_position(anomaly_map: np.ndarray, reconstruction_part: np.ndarray) -> tuple[int, int]:
+    """(column, row) of the map's highest pixel; among equal ones (a density flat over the image), the one
+    whose reconstruction is worst, then the last in row order."""
+    order = np.lexsort((reconstruction_part.ravel(), anomaly_map.ravel()))
+    row, column = np.unravel_index(int(order[-1]), anomaly_map.shape)
+    return int(column), int(row)
 
 
 class Detector:
@@ -141,22 +185,22 @@ class Detector:
         if kind is None or kind.mixture is None:  # read as trained: nothing to measure the odds with
             thresholds = dataclasses.replace(thresholds, anomaly_log_odds=None)
         return cls(stored.model, stored.density, thresholds, error_measure=card.settings.error,
-                   shift_radius=card.settings.shift_radius, device=device, kind=kind)
+                   shift_radius=card.shift_radius, device=device, kind=kind)
 
     def with_kind(self, kind) -> Detector:
         """The same networks and trained density, with another anomalous kind (None: none)."""
         return Detector(self.model, self.trained_density, self.thresholds, error_measure=self.error_measure,
                         shift_radius=self.shift_radius, device=self.device, kind=kind)
 
-    def measure(self, pixels) -> Measurements:
+    def measure(self, pixels, *, maps: bool = False) -> Measurements:
         """Reconstruction error and KDE log-density (and log-odds, with anomalies) for uint8 images
-        (N, C, S, S) (a tensor or numpy array)."""
+        (N, C, S, S) (a tensor or numpy array); with `maps`, their maps too (`anomaly_maps` draws them)."""
         pixels = self._checked_pixels(pixels)
         size = self.batch_size
         if len(pixels) == 0:
             return Measurements(np.empty(0), np.empty(0), None if self.mixture is None else np.empty(0))
         with piece_pool(self.device) as (pool, _):
-            return joined(list(pool.map(lambda start: self._measure_batch(pixels[start:start + size]),
+            return joined(list(pool.map(lambda start: self._measure_batch(pixels[start:start + size], maps=maps),
                                          range(0, len(pixels), size))))
 
     def encode_views(self, pixels) -> tuple[np.ndarray, np.ndarray]:
@@ -166,10 +210,10 @@ class Detector:
         pixels = self._checked_pixels(pixels)
         size, parts = self.batch_size, []
         for start in range(0, len(pixels), size):
-            errors, codes = self._encode_batch(pixels[start:start + size])
+            errors, codes, _ = self._encode_batch(pixels[start:start + size])
             parts.append((errors, codes.cpu().numpy()))
         if not parts:
-            return np.empty(0), np.empty(((2 * self.shift_radius + 1) ** 2, 0, self.model.arch.latent_dim))
+            return np.empty(0), np.empty(((2 * self.shift_radius + 1) ** 2, 0, self.model.arch.code_numbers))
         return np.concatenate([errors for errors, _ in parts]), np.concatenate([codes for _, codes in parts], axis=1)
 
     def measure_codes(self, reconstruction_error: np.ndarray, view_codes) -> Measurements:
@@ -217,7 +261,8 @@ class Detector:
 
     def _encode_batch(self, pixels, *, padded: bool = False):
         """One forward pass, on exactly `batch_size` images (the last batch padded with black ones):
-        the errors (count,) and the codes of every view (views, count, d), or of the padded batch.
+        the errors (count,), the codes of every view (views, count, d), or of the padded batch, and
+        each pixel's error (count, S, S).
 
         With a shift radius, the density is scored over the image's small translations
         (`shifted_views`), so a good image drawn a pixel off-centre is not held against it; the
@@ -233,24 +278,31 @@ class Detector:
             images = to_input(chunk, self.device)
             codes = self.model.encoder(shifted_views(images, self.shift_radius))  # the unmoved images first
             reconstruction = self.model.decoder(codes[:size])
-            errors = reconstruction_error(reconstruction, images, self.error_measure, self.model.error_scale)
-            codes = codes.view(len(codes) // size, size, -1)
-            return errors[:count].double().cpu().numpy(), codes if padded else codes[:, :count]
+            per_pixel = pixel_error(reconstruction, images, self.error_measure, self.model.error_scale)
+            errors = pooled_error(per_pixel, self.error_measure)
+            codes = flat_codes(codes).view(len(codes) // size, size, -1)
+            return (errors[:count].double().cpu().numpy(), codes if padded else codes[:, :count],
+                    per_pixel[:count].float().cpu().numpy())
 
-    def _measure_batch(self, pixels) -> Measurements:
+    def _measure_batch(self, pixels, *, maps: bool = False) -> Measurements:
         """`_encode_batch`, then the densities over the whole padded batch, so that an image gets the same
         numbers alone or in a folder."""
-
-
-        errors, codes = self._encode_batch(pixels, padded=True)
+        errors, codes, per_pixel = self._encode_batch(pixels, padded=True)
+        count = len(errors)
         with torch.inference_mode(), exact_math(self.device):
             log_density, odds = self.log_densities(codes)
-        count = len(errors)
-        return Measurements(errors, log_density[:count], None if odds is None else odds[:count])
+            local = None
+            if maps and isinstance(self.density, GridDensity):
+                grid = self.model.arch.code_grid
+                local = self.density.local_log_density(codes[0].double(), device=self.device)  # the padded batch
+                local = local[:count].reshape(count, grid, grid)
+        return Measurements(errors, log_density[:count], None if odds is None else odds[:count],
+                            per_pixel if maps else None, local)
 
-    def score(self, pixels) -> Scores:
-        """The OR rule's verdict on uint8 images (N, C, S, S)."""
-        return decide(self.measure(pixels), self.thresholds)
+    def score(self, pixels, *, maps: bool = False) -> Scores:
+        """The OR rule's verdict on uint8 images (N, C, S, S); with `maps`, the measurements' maps are kept for
+        `anomaly_maps(scores, detector.thresholds)`."""
+        return decide(self.measure(pixels, maps=maps), self.thresholds)
 
     def decision_function(self, pixels) -> np.ndarray:
         return self.score(pixels).score
@@ -258,9 +310,11 @@ class Detector:
     def predict(self, pixels) -> np.ndarray:
         return self.score(pixels).anomaly
 
-    def score_images(self, refs: list[ImageRef], *, workers: int | None = None
+    def score_images(self, refs: list[ImageRef], *, workers: int | None = None, maps: bool = False
                      ) -> Iterator[tuple[ImageRef, dict | None, str | None]]:
-        """Stream (ref, numbers, error) in input order.
+        """Stream (ref, numbers, error) in input order. The numbers include `peak_x`, `peak_y`: where the
+        anomaly map is highest, in the image's own pixels; with `maps`, also `anomaly_map` (S, S), in
+        threshold units.
 
         This thread decodes (worker processes do for big inputs where there are cores to spare)
         while the pool measures the batches decoded before, a few ahead, so memory stays flat.
@@ -276,20 +330,27 @@ class Detector:
             for batch in iterate_batches(refs, self.image_size, self.channels, batch_size=DECODE_BATCH,
                                          workers=workers, pin_memory=on_gpu):
                 pixels = batch.pixels if batch.pixels is not None else ()
-                pending.append((batch, [pool.submit(self._measure_batch, pixels[start:start + size])
+                pending.append((batch, [pool.submit(self._measure_batch, pixels[start:start + size], maps=True)
                                         for start in range(0, len(pixels), size)]))
                 # wait for the oldest batch only while the newer ones give every thread two pieces,
                 # so the pool keeps working while this thread decodes the next batch
                 while len(pending) > 1 and sum(len(futures) for _, futures in list(pending)[1:]) >= 2 * threads:
-                    yield from self._rows(refs, *pending.popleft())
+                    yield from self._rows(refs, *pending.popleft(), maps)
             while pending:
-                yield from self._rows(refs, *pending.popleft())
+                yield from self._rows(refs, *pending.popleft(), maps)
 
-    def _rows(self, refs: list[ImageRef], batch, futures: list) -> Iterator[tuple[ImageRef, dict | None, str | None]]:
+    def _rows(self, refs: list[ImageRef], batch, futures: list, maps: bool
+              ) -> Iterator[tuple[ImageRef, dict | None, str | None]]:
         rows: dict[int, tuple[dict | None, str | None]] = {i: (None, message) for i, message in batch.errors}
         if futures:
             scores = decide(joined([future.result() for future in futures]), self.thresholds)
-            rows.update((index, (scores.row(k), None)) for k, index in enumerate(batch.indices))
+            combined, reconstruction = anomaly_maps(scores, self.thresholds)
+            for k, index in enumerate(batch.indices):
+                x, y = in_original(peak_position(combined[k], reconstruction[k]), self.image_size, *batch.sizes[k])
+                row = {**scores.row(k), "peak_x": x, "peak_y": y}
+                if maps:
+                    row["anomaly_map"] = combined[k]
+                rows[index] = (row, None)
         for index in sorted(rows):
             yield refs[index], *rows[index]
 
@@ -312,10 +373,12 @@ def joined(parts: list[Measurements | None]) -> Measurements:
     parts = [part for part in parts if part is not None]
     if not parts:
         return Measurements(np.empty(0), np.empty(0))
-    odds = [part.anomaly_log_odds for part in parts]
-    return Measurements(np.concatenate([part.reconstruction_error for part in parts]),
-                        np.concatenate([part.log_density for part in parts]),
-                        None if any(o is None for o in odds) else np.concatenate(odds))
+
+    def together(name: str) -> np.ndarray | None:  # where every part has them
+        arrays = [getattr(part, name) for part in parts]
+        return None if any(array is None for array in arrays) else np.concatenate(arrays)
+
+    return Measurements(*(together(field.name) for field in dataclasses.fields(Measurements)))
 
 
 def decoding_workers(count: int, batch_size: int, on_gpu: bool) -> int:

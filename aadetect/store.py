@@ -31,7 +31,7 @@ from numpy.lib import format as npy
 from aadetect.atomic import (check_writable, remove_abandoned, remove_abandoned_temp_files, staged_directory,
                              write_bytes_atomic, write_text_atomic)
 from aadetect.card import ANOMALIES_PREFIX, ModelCard
-from aadetect.density import KernelDensity
+from aadetect.density import GridDensity, KernelDensity
 from aadetect.errors import UserError, first_line
 from aadetect.lookalikes import AnomalyKind
 from aadetect.model import AdversarialAutoencoder
@@ -191,14 +191,16 @@ def load_model(model_dir: Path, card: ModelCard, device: str):
     return model
 
 
-def load_density(model_dir: Path, card: ModelCard) -> KernelDensity:
-    """The density as trained (every training code it was fitted on)."""
+def load_density(model_dir: Path, card: ModelCard) -> KernelDensity | GridDensity:
+    """The density as trained (every training code it was fitted on): one KDE, or one per grid position."""
     path = model_dir / DENSITY_FILE
-    n, d = card.density.n_codes, card.architecture.latent_dim
+    n, d, grid = card.density.n_codes, card.architecture.latent_dim, card.architecture.code_grid
+    kind, shapes = (KernelDensity, {"codes": (n, d), "covariance": (d, d)}) if grid == 1 else (
+        GridDensity, {"codes": (grid * grid, n, d), "covariance": (grid * grid, d, d)})
     state = npz_arrays(checked_bytes(model_dir, DENSITY_FILE, card), path,
-                       {"codes": (n, d), "covariance": (d, d), "bandwidth": (), "factor": (), "radius": ()})
+                       {**shapes, "bandwidth": (), "factor": (), "radius": ()})
     try:
-        density = KernelDensity.from_state_dict(state)
+        density = kind.from_state_dict(state)
     except ValueError as exc:
         raise UserError(f"{path}: {first_line(exc, 200)}") from None
     if density.radius != card.settings.code_radius:
@@ -240,9 +242,9 @@ def load_held_out(model_dir: Path, card: ModelCard) -> tuple[np.ndarray, np.ndar
     saved them."""
     path = model_dir / HELD_OUT_FILE
     n = card.data.validation_count
-    views = (2 * card.settings.shift_radius + 1) ** 2
+    views = (2 * card.shift_radius + 1) ** 2
     arrays = npz_arrays(checked_bytes(model_dir, HELD_OUT_FILE, card), path,
-                        {"view_codes": (views, n, card.architecture.latent_dim), "reconstruction_error": (n,)})
+                        {"view_codes": (views, n, card.architecture.code_numbers), "reconstruction_error": (n,)})
     errors, view_codes = arrays["reconstruction_error"], arrays["view_codes"]
     if not (np.isfinite(view_codes).all() and np.isfinite(errors).all()):
         raise UserError(f"{path}: the held-out images' codes and errors must be finite")

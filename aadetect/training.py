@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from aadetect.config import Architecture, TrainConfig
 from aadetect.errors import UserError
-from aadetect.model import AdversarialAutoencoder, reconstruction_error, to_input
+from aadetect.model import AdversarialAutoencoder, flat_codes, reconstruction_error, to_input
 
 EVAL_BATCH = 256
 NEIGHBOURS = 10  # the robust rule's neighbourhood: larger than a few duplicates, far smaller than a class
@@ -69,7 +69,7 @@ def encode_all(model: AdversarialAutoencoder, images: torch.Tensor, device: str,
     for start in range(0, len(images), EVAL_BATCH):
         batch = to_input(images[start:start + EVAL_BATCH], device)
         code, reconstruction = model(batch)
-        codes.append(code.float().cpu())
+        codes.append(flat_codes(code).float().cpu())
         errors.append(reconstruction_error(reconstruction, batch, measure).float().cpu())
     return torch.cat(codes), torch.cat(errors)
 
@@ -120,6 +120,9 @@ def find_outliers(model, images: torch.Tensor, device: str, measure: str, reject
     rejected too.
     """
     codes, errors = encode_all(model, images, device, measure)
+    if model.arch.code_grid > 1:  # thousands of numbers cannot be whitened over a few hundred images:
+        local = codes.view(len(codes), -1, model.arch.latent_dim)  # judge what the image is made of
+        codes = torch.cat([local.mean(1), local.std(1)], dim=1)
     log_error = errors.double().clamp_min(1e-12).log()
     log_distance = neighbour_distance(codes, kept).clamp_min(1e-12).log()
     return torch.maximum(robust_z(log_error), robust_z(log_distance)) > reject_z
@@ -207,7 +210,7 @@ def train_autoencoder(images: torch.Tensor, arch: Architecture, config: TrainCon
                 fooled = model.discriminator(codes)
                 generator_loss = weighted_mean(
                     F.binary_cross_entropy_with_logits(fooled, torch.ones_like(fooled), reduction="none"),
-                    batch_weights)
+                    batch_weights.repeat_interleave(len(fooled) // len(batch_weights)))  # a grid's codes each
                 generator_optimizer.zero_grad(set_to_none=True)
                 generator_loss.backward()
                 generator_optimizer.step()

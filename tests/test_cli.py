@@ -72,7 +72,7 @@ def test_score_formats_and_exit_codes(model_dir, dataset):
     rows = jsonl(result.stdout)
     assert [row["path"] for row in rows] == [str(p) for p in good]
     assert set(rows[0]) == {"path", "reconstruction_error", "log_density", "anomaly_log_odds", "score", "anomaly", "reason",
-                            "error"}
+                            "peak_x", "peak_y", "heatmap", "error"}
     for row in rows:
         assert row["anomaly"] == (row["score"] > 0)
         assert row["reason"] in {"none", "reconstruction", "density", "both"}
@@ -424,7 +424,8 @@ def test_streaming_over_several_decode_batches_keeps_order_and_numbers(tmp_path)
 
 @pytest.mark.parametrize("args, message", [
     (("--epochs", "0"), "--epochs"),
-    (("--latent-dim", "0"), "--latent-dim"),
+    (("--latent-dim", "-1"), "--latent-dim"),
+    (("--code-grid", "3"), "--code-grid"),
     (("--image-size", "-4"), "--image-size"),
     (("--device", "cuda:7"), "cuda"),
     (("--device", "tpu"), "--device"),
@@ -567,7 +568,7 @@ def test_the_table_wraps_long_paths_instead_of_cutting_them():
 
     path = "incoming/line3/camera2/2024-05-01/part-000123-left-side.png"
     row = {"path": path, "reconstruction_error": 0.25, "log_density": 14.2, "score": -1.5, "anomaly": False,
-           "reason": "none", "error": None}
+           "reason": "none", "peak_x": 120, "peak_y": 7, "heatmap": None, "error": None}
     unreadable = {"path": "x.png", "error": "x.png: not an image (cannot identify image file)"}
     out = io.StringIO()
     Console(file=out, width=70, no_color=True).print(score_table([row, {**row, **unreadable}]))
