@@ -338,20 +338,25 @@ def score(
 
 @app.command(epilog=examples(
     "aadetect evaluate --good test/good --anomalous test/bad",
-    "aadetect evaluate --good test/good --anomalous test/bad --format json | jq .auroc"))
+    "aadetect evaluate --good test/good --anomalous test/bad --format json | jq .auroc",
+    "aadetect evaluate --good test/good --anomalous test/bad --masks test/bad-masks"))
 @user_errors
 def evaluate(
     good: GoodOption,
     anomalous: Annotated[Path, typer.Option(help="Folder of labelled anomalous images.")],
     model: ModelOption = Path(DEFAULT_MODEL),
+    masks: Annotated[Path | None, typer.Option(help="Folder of the anomalous images' defect masks (same paths as "
+                                                    "under --anomalous; bright = defect): adds the maps' "
+                                                    "pixel AUROC.")] = None,
     format: Annotated[ReportFormat, typer.Option("--format", "-f", help="Output format.")] = ReportFormat.table,
     device: DeviceOption = "auto",
     quiet: QuietOption = False,
 ) -> None:
-    """Measure a model on labelled images: AUROC, AUPRC, balanced accuracy, F1, confusion."""
+    """Measure a model on labelled images: AUROC, AUPRC, balanced accuracy, F1, confusion; with --masks, how
+    well its anomaly maps point at the defects (pixel AUROC)."""
     from aadetect import pipeline
 
-    report = pipeline.evaluate(model, good, anomalous, device=device, reporter=reporter_for(quiet))
+    report = pipeline.evaluate(model, good, anomalous, masks=masks, device=device, reporter=reporter_for(quiet))
     print_report(report, format)
     if report["unreadable"]:  # measured on the rest, but the input was not all usable: like `score`
         say(f"aadetect: error: {pipeline.unreadable_summary(report['unreadable'])}")
@@ -506,6 +511,8 @@ def print_report(report: dict, format: ReportFormat) -> None:
     ranking = Table("signal", "AUROC", "AUPRC", title="ranking (higher is better)")
     for signal in report["auroc"]:  # reconstruction, density, lookalike (calibrated with anomalies), combined
         ranking.add_row(signal, f"{report['auroc'][signal]:.4f}", f"{report['auprc'][signal]:.4f}")
+    if "pixel_auroc" in report:
+        ranking.add_row(f"pixels ({report['masked_images']} masked images)", f"{report['pixel_auroc']:.4f}", "")
     decision = Table("metric", "value", title="decisions at the card's thresholds"
                      + ("" if report["thresholds_calibrated"] else " (uncalibrated defaults)"))
     for name in ("balanced_accuracy", "f1", "tpr", "fpr"):

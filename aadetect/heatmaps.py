@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["COLOUR_TABLE", "MAP_RANGE", "colour_indices", "overlay", "in_original", "heatmap_png", "write_heatmap", "HeatmapFolder"]
+__all__ = ["COLOUR_TABLE", "MAP_RANGE", "colour_indices", "resized_map", "overlay", "in_original", "heatmap_png", "write_heatmap", "HeatmapFolder"]
 
 MAP_RANGE = (-3.0, 3.0)  # threshold units from the first to the last colour of the table
 TABLE_SIZE = 256
@@ -50,7 +50,7 @@ def colour_indices(units: np.ndarray) -> np.ndarray:
     return np.clip(np.nan_to_num(bins, nan=0.0), 0, TABLE_SIZE - 1).astype(np.intp)
 
 
-def _resized(anomaly_map: np.ndarray, width: int, height: int) -> np.ndarray:
+def resized_map(anomaly_map: np.ndarray, width: int, height: int) -> np.ndarray:
     """The map (S, S) stretched to the image's own size, as the image was squeezed to the model's."""
     from PIL import Image
 
@@ -65,7 +65,7 @@ def overlay(image, anomaly_map: np.ndarray):
     from PIL import Image
 
     base = image.convert("RGB")
-    colours = COLOUR_TABLE[colour_indices(_resized(anomaly_map, *base.size))]
+    colours = COLOUR_TABLE[colour_indices(resized_map(anomaly_map, *base.size))]
     layer = Image.fromarray(colours, mode="RGBA")
     return Image.alpha_composite(base.convert("RGBA"), layer).convert("RGB")
 

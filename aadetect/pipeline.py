@@ -22,6 +22,7 @@ from aadetect.density import GridDensity, KernelDensity
 from aadetect.devices import exact_math, flush_denormals, resolve_device
 from aadetect.errors import UserError, first_line
 from aadetect.images import ImageRef, ImagesOnDisk, choose_image_size, find_images, image_mode, load_images
+from aadetect.localisation import mask_path, pixel_auroc, read_mask
 from aadetect.lookalikes import AnomalyKind, learn_anomaly_kind, left_out_log_odds
 from aadetect.metrics import auroc, average_precision, confusion, decision_metrics
 from aadetect.model import residual_scale
@@ -275,7 +276,8 @@ def calibrate(model: str | Path, good: str | Path, anomalous: str | Path | None 
         good_pixels = read_samples(good, detector, reporter, "good")
         anomalous_pixels = read_samples(anomalous, detector, reporter, "anomalous") if anomalous else None
         kind = None
-        if anomalous_pixels is not None and not one_class:
+        # a code grid's density is one KDE per position: no kind of anomaly to learn there (docs/how-it-works.md)
+        if anomalous_pixels is not None and not one_class and isinstance(detector.trained_density, KernelDensity):
             kind = learn_kind(detector, good_pixels, anomalous_pixels, reporter)
             detector = detector.with_kind(kind)
         good_measured = detector.measure(good_pixels)
@@ -332,10 +334,12 @@ def measure_anomalous(detector: Detector, pixels) -> Measurements:
 
 # ------------------------------------------------------------------------------------------- evaluate
 
-def evaluate(model: str | Path, good: str | Path, anomalous: str | Path, *, device: str = "auto",
-             reporter: Reporter | None = None) -> dict:
+def evaluate(model: str | Path, good: str | Path, anomalous: str | Path, *, masks: str | Path | None = None,
+             device: str = "auto", reporter: Reporter | None = None) -> dict:
     """Ranking quality of each signal and decision quality at the card's thresholds, on labelled images:
-    the same dict as `aadetect evaluate --format json`.
+    the same dict as `aadetect evaluate --format json`. With `masks` (a folder holding each anomalous
+    image's defect mask at the same path as under `anomalous`), also how well the anomaly maps point at
+    the defects: `pixel_auroc`, over `masked_images` anomalous images and every good one.
 
     >>> from aadetect import evaluate
     >>> report = evaluate("model", "labelled/good", "labelled/bad", device="cpu")
@@ -345,9 +349,13 @@ def evaluate(model: str | Path, good: str | Path, anomalous: str | Path, *, devi
     reporter = reporter or Reporter()
     detector = Detector.load(model, device)
     good_refs, anomalous_refs = find_images(good), find_images(anomalous)  # both found before either is scored
-    good_names, good_scores, good_unreadable = measure_folder(detector, good, good_refs, reporter, "good")
-    anomalous_names, anomalous_scores, anomalous_unreadable = measure_folder(detector, anomalous, anomalous_refs,
-                                                                             reporter, "anomalous")
+    with_maps = masks is not None
+    good_names, good_scores, good_unreadable, good_maps = measure_folder(detector, good, good_refs, reporter,
+                                                                         "good", maps=with_maps)
+    anomalous_names, anomalous_scores, anomalous_unreadable, anomalous_maps = measure_folder(
+        detector, anomalous, anomalous_refs, reporter, "anomalous", maps=with_maps)
+    localisation = {} if masks is None else localisation_report(Path(masks), Path(anomalous), good_maps,
+                                                                anomalous_maps, reporter)
     signals = {  # higher means more anomalous
         "reconstruction": (good_scores.reconstruction_error, anomalous_scores.reconstruction_error),
         "density": (-good_scores.log_density, -anomalous_scores.log_density),
@@ -366,16 +374,36 @@ def evaluate(model: str | Path, good: str | Path, anomalous: str | Path, *, devi
         "n_anomalous": len(anomalous_names),
         "unreadable": good_unreadable + anomalous_unreadable,
         "thresholds_calibrated": detector.thresholds.calibrated,
+        **localisation,
     }
 
 
+def localisation_report(masks: Path, anomalous: Path, good_maps: list, anomalous_maps: list,
+                        reporter: Reporter) -> dict:
+    """`pixel_auroc` of the maps against the masks of the anomalous images that have one (said on stderr
+    when some have none)."""
+    masked, missing = [], 0
+    for ref, anomaly_map, _ in anomalous_maps:
+        try:
+            masked.append((anomaly_map, read_mask(mask_path(masks, anomalous, ref))))
+        except FileNotFoundError:
+            missing += 1
+    if not masked:
+        raise UserError(f"{masks}: holds no mask for any of the anomalous images (each at the same path as "
+                        f"under {anomalous})")
+    if missing:
+        reporter.warn(f"{missing} anomalous image(s) have no mask under {masks}: left out of the pixel AUROC")
+    good = [(anomaly_map, size) for _, anomaly_map, size in good_maps]
+    return {"pixel_auroc": pixel_auroc(good, masked), "masked_images": len(masked)}
+
+
 def measure_folder(detector: Detector, path: str | Path, refs: list[ImageRef], reporter: Reporter,
-                   label: str) -> tuple[list[str], Scores, list[str]]:
-    """Scores of the images found in `path`, as `score` gives them: their names, their scores, and the
-    unreadable files' messages."""
-    names, rows, unreadable = [], [], []
+                   label: str, *, maps: bool = False) -> tuple[list[str], Scores, list[str], list]:
+    """Scores of the images found in `path`, as `score` gives them: their names, their scores, the
+    unreadable files' messages and, with `maps`, each image's (ref, anomaly map, own size)."""
+    names, rows, unreadable, drawn = [], [], [], []
     with reporter.progress(f"scoring {label}", total=len(refs)) as advance:
-        for ref, row, error in detector.score_images(refs):
+        for ref, row, error in detector.score_images(refs, maps=maps):
             advance(1)
             if error is not None:
                 reporter.warn(error)
@@ -383,13 +411,15 @@ def measure_folder(detector: Detector, path: str | Path, refs: list[ImageRef], r
                 continue
             names.append(ref.name)
             rows.append(row)
+            if maps:
+                drawn.append((ref, row.pop("anomaly_map"), row.pop("image_size")))
     if not rows:
         raise UserError(f"{path}: none of the {len(refs)} images could be read")
     column = lambda key, dtype=np.float64: np.array([row[key] for row in rows], dtype=dtype)  # noqa: E731
     odds = column("anomaly_log_odds") if rows[0]["anomaly_log_odds"] is not None else None
     scores = Scores(column("reconstruction_error"), column("log_density"), odds, score=column("score"),
                     anomaly=column("anomaly", bool), reason=column("reason", str))
-    return names, scores, unreadable
+    return names, scores, unreadable, drawn
 
 
 def unreadable_summary(errors: list[str]) -> str:

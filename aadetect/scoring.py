@@ -103,39 +103,67 @@ def decide(measured: Measurements, thresholds: Thresholds) -> Scores:
 
 def anomaly_maps(measured: Measurements, thresholds: Thresholds) -> tuple[np.ndarray, np.ndarray]:
     """The anomaly map of each image (N, S, S), float32, in the score's threshold units, and its
-    reconstruction part alone (to place a peak where the density's part is flat).
+    reconstruction part alone.
 
-    Each pixel's error and each neighbourhood's log-density (stretched bilinearly to the pixels) are put
-    on the scales `decide` puts the image's numbers on, and the larger is kept. An image's number pools
-    its map's worst part, so an image over a threshold has a map over it somewhere. A model with one
-    code per image has one density for the whole image: its density part is that, everywhere.
+    Each pixel's error is put on the scale `decide` puts the image's error on. Each code's density (one for
+    the image, or one per cell of a code grid) is put on the density's scale and drawn at the pixel rebuilt
+    worst within what the code sees (the whole image; or its cell and the cells around it, as its
+    receptive field reaches past its cell), falling off as the reconstruction does: the density says that
+    something there is unlike the good images, the reconstruction says where. The larger of the two is
+    kept. So the map's highest value is the larger of the worst pixel's error and the least likely code's
+    density, never below the image's score: an image over a threshold shows it somewhere.
     """
     if measured.reconstruction_map is None:
         raise ValueError("these measurements hold no maps: measure with maps=True")
     with np.errstate(divide="ignore"):  # an error of exactly 0 is -inf: far below the threshold
         reconstruction = ((np.log(measured.reconstruction_map.astype(np.float64)) - np.log(thresholds.reconstruction_cut))
                           / thresholds.reconstruction.scale)
-    if measured.density_map is not None:
-        size = reconstruction.shape[-1]
-        local = torch.from_numpy(np.ascontiguousarray(measured.density_map, dtype=np.float64))[:, None]
-        log_density = torch.nn.functional.interpolate(local, size=(size, size), mode="bilinear",
-                                                      align_corners=False)[:, 0].numpy()
-    else:
-        log_density = measured.log_density[:, None, None]
-    density = (thresholds.density_cut - log_density) / thresholds.density.scale
+    reconstruction = np.maximum(reconstruction, FAR_BELOW)
+    count, size = len(reconstruction), reconstruction.shape[-1]
+    log_density = (measured.density_map if measured.density_map is not None
+                   else measured.log_density[:, None, None])
+    density = (thresholds.density_cut - log_density) / thresholds.density.scale  # (N, G, G)
     if thresholds.anomaly_log_odds is not None and measured.anomaly_log_odds is not None:
         odds = (measured.anomaly_log_odds - thresholds.odds_cut) / thresholds.anomaly_log_odds.scale
         density = np.maximum(density, odds[:, None, None])
-    combined = np.maximum(reconstruction, density)
+    grid = density.shape[-1]
+    cell = size // grid
+    cells = reconstruction.reshape(count, grid, cell, grid, cell)
+    # each code's density less the worst error it sees; each pixel takes the largest of those that see it
+    lead = density - around(cells.max(axis=(2, 4)))
+    drawn = (cells + around(lead)[:, :, None, :, None]).reshape(count, size, size)
+    combined = np.maximum(reconstruction, drawn)
     return combined.astype(np.float32), reconstruction.astype(np.float32)
 
 
+def around(values: np.ndarray) -> np.ndarray:
+    """The largest of each grid cell's value and its (up to 8) neighbours', for (N, G, G) values."""
+    padded = np.pad(values, ((0, 0), (1, 1), (1, 1)), constant_values=-np.inf)
+    return np.lib.stride_tricks.sliding_window_view(padded, (3, 3), axis=(1, 2)).max(axis=(3, 4))
+
+
+FAR_BELOW = -1e6  # threshold units for a pixel rebuilt exactly (log 0): below everything, and finite
+
+
 def peak_position(anomaly_map: np.ndarray, reconstruction_part: np.ndarray) -> tuple[int, int]:
-    """(column, row) of the map's highest pixel; among equal ones (a density flat over the image), the one
-    whose reconstruction is worst, then the last in row order."""
-    order = np.lexsort((reconstruction_part.ravel(), anomaly_map.ravel()))
+    """(column, row) of the map's highest point, found on the map a little blurred: a defect's error is
+    highest along its edges, where the two images differ most in structure, and the blur brings the
+    peak in from the edge to the defect itself. Among equal values (a density over the whole image drawn
+    flat), the worst-rebuilt pixel, then the last in row order."""
+    def blurred(values: np.ndarray) -> np.ndarray:
+        for axis in (0, 1):
+            padded = np.pad(values, [(2, 2) if k == axis else (0, 0) for k in (0, 1)], mode="edge")
+            values = sum(weight * np.take(padded, range(shift, shift + values.shape[axis]), axis=axis)
+                         for shift, weight in enumerate(PEAK_BLUR))
+        return values
+
+    order = np.lexsort((blurred(reconstruction_part.astype(np.float64)).ravel(),
+                        blurred(anomaly_map.astype(np.float64)).ravel()))
     row, column = np.unravel_index(int(order[-1]), anomaly_map.shape)
     return int(column), int(row)
+
+
+PEAK_BLUR = np.array([1, 4, 6, 4, 1]) / 16  # binomial, about a Gaussian of 1 pixel
 
 
 class Detector:
@@ -314,7 +342,7 @@ class Detector:
                      ) -> Iterator[tuple[ImageRef, dict | None, str | None]]:
         """Stream (ref, numbers, error) in input order. The numbers include `peak_x`, `peak_y`: where the
         anomaly map is highest, in the image's own pixels; with `maps`, also `anomaly_map` (S, S), in
-        threshold units.
+        threshold units, and `image_size`, the image's own (width, height).
 
         This thread decodes (worker processes do for big inputs where there are cores to spare)
         while the pool measures the batches decoded before, a few ahead, so memory stays flat.
@@ -349,7 +377,7 @@ class Detector:
                 x, y = in_original(peak_position(combined[k], reconstruction[k]), self.image_size, *batch.sizes[k])
                 row = {**scores.row(k), "peak_x": x, "peak_y": y}
                 if maps:
-                    row["anomaly_map"] = combined[k]
+                    row.update(anomaly_map=combined[k], image_size=batch.sizes[k])
                 rows[index] = (row, None)
         for index in sorted(rows):
             yield refs[index], *rows[index]
