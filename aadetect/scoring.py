@@ -7,6 +7,7 @@ more anomalous), `predict` (the OR rule) and the thresholds it applies.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import os
 import warnings
@@ -108,9 +109,10 @@ def anomaly_maps(measured: Measurements, thresholds: Thresholds) -> tuple[np.nda
     Each pixel's error is put on the scale `decide` puts the image's error on. Each code's density (one for
     the image, or one per cell of a code grid) is put on the density's scale and drawn at the pixel rebuilt
     worst within what the code sees (the whole image; or its cell and the cells around it, as its
-    receptive field reaches past its cell), falling off as the reconstruction does: the density says that
-    something there is unlike the good images, the reconstruction says where. The larger of the two is
-    kept. So the map's highest value is the larger of the worst pixel's error and the least likely code's
+    receptive field reaches past its cell), falling off as the reconstruction does, and faster for a
+    stronger verdict (by its own size per unit of error, from 1 up), so that it marks as many pixels as a
+    weak one: the density says that something there is unlike the good images, the reconstruction says
+    where. The larger of the two is kept. So the map's highest value is the larger of the worst pixel's error and the least likely code's
     density, never below the image's score: an image over a threshold shows it somewhere.
     """
     if measured.reconstruction_map is None:
@@ -128,11 +130,15 @@ def anomaly_maps(measured: Measurements, thresholds: Thresholds) -> tuple[np.nda
         density = np.maximum(density, odds[:, None, None])
     grid = density.shape[-1]
     cell = size // grid
-    cells = reconstruction.reshape(count, grid, cell, grid, cell)
-    # each code's density less the worst error it sees; each pixel takes the largest of those that see it
-    lead = density - around(cells.max(axis=(2, 4)))
-    drawn = (cells + around(lead)[:, :, None, :, None]).reshape(count, size, size)
-    combined = np.maximum(reconstruction, drawn)
+    cells = blurred(reconstruction).reshape(count, grid, cell, grid, cell)  # where: the middle of an edge's error
+    worst_seen = np.pad(around(cells.max(axis=(2, 4))), ((0, 0), (1, 1), (1, 1)))
+    steepness = np.pad(np.maximum(density, 1.0), ((0, 0), (1, 1), (1, 1)), constant_values=1.0)
+    verdict = np.pad(density, ((0, 0), (1, 1), (1, 1)), constant_values=-np.inf)
+    drawn = np.full(cells.shape, -np.inf)
+    for dy, dx in itertools.product(range(3), repeat=2):  # each pixel takes the largest of the codes that see it
+        seen = (slice(None), slice(dy, dy + grid), None, slice(dx, dx + grid), None)
+        drawn = np.maximum(drawn, verdict[seen] - steepness[seen] * (worst_seen[seen] - cells))
+    combined = np.maximum(reconstruction, drawn.reshape(count, size, size))
     return combined.astype(np.float32), reconstruction.astype(np.float32)
 
 
@@ -146,24 +152,28 @@ FAR_BELOW = -1e6  # threshold units for a pixel rebuilt exactly (log 0): below e
 
 
 def peak_position(anomaly_map: np.ndarray, reconstruction_part: np.ndarray) -> tuple[int, int]:
-    """(column, row) of the map's highest point, found on the map a little blurred: a defect's error is
-    highest along its edges, where the two images differ most in structure, and the blur brings the
-    peak in from the edge to the defect itself. Among equal values (a density over the whole image drawn
-    flat), the worst-rebuilt pixel, then the last in row order."""
-    def blurred(values: np.ndarray) -> np.ndarray:
-        for axis in (0, 1):
-            padded = np.pad(values, [(2, 2) if k == axis else (0, 0) for k in (0, 1)], mode="edge")
-            values = sum(weight * np.take(padded, range(shift, shift + values.shape[axis]), axis=axis)
-                         for shift, weight in enumerate(PEAK_BLUR))
-        return values
-
-    order = np.lexsort((blurred(reconstruction_part.astype(np.float64)).ravel(),
-                        blurred(anomaly_map.astype(np.float64)).ravel()))
+    """(column, row) of the map's highest point, found on the map a little blurred (a defect's error is
+    highest along its edges, where the two images differ most in structure: the blur brings the peak in
+    to the defect itself). Among equal values, the worst-rebuilt pixel, then the last in row order."""
+    order = np.lexsort((blurred(reconstruction_part).ravel(), blurred(anomaly_map).ravel()))
     row, column = np.unravel_index(int(order[-1]), anomaly_map.shape)
     return int(column), int(row)
 
 
-PEAK_BLUR = np.array([1, 4, 6, 4, 1]) / 16  # binomial, about a Gaussian of 1 pixel
+def blurred(values: np.ndarray) -> np.ndarray:
+    """Values (..., H, W) smoothed by a 5-tap binomial filter (about a Gaussian of 1 pixel), edges repeated."""
+    values = values.astype(np.float64)
+    for axis in (-2, -1):
+        pad = [(0, 0)] * values.ndim
+        pad[axis] = (2, 2)
+        padded = np.pad(values, pad, mode="edge")
+        length = values.shape[axis]
+        values = sum(weight * np.take(padded, range(shift, shift + length), axis=axis)
+                     for shift, weight in enumerate(BINOMIAL))
+    return values
+
+
+BINOMIAL = np.array([1, 4, 6, 4, 1]) / 16
 
 
 class Detector:
