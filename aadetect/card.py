@@ -151,8 +151,8 @@ class ModelCard:
 
     @property
     def shift_radius(self) -> int:
-        """The shift radius the model is scored with (`TrainConfig.views_radius`)."""
-        return self.settings.views_radius(self.architecture.code_grid)
+        """The shift radius the model is scored with (`TrainConfig.resolved`)."""
+        return self.settings.resolved(self.architecture.image_size).shift_radius
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(_plain(dataclasses.asdict(self)), sort_keys=False, allow_unicode=True)
@@ -198,6 +198,7 @@ class ModelCard:
             raise UserError(f"{source}: calibration.anomalies_file must be a file name starting with "
                             f"{ANOMALIES_PREFIX!r}, got {anomalies_file!r:.60}")
         arch = self.architecture
+        resolved = self.settings.resolved(arch.image_size)
         if arch.channels not in (1, 3):
             raise UserError(f"{source}: architecture.channels must be 1 or 3")
         sizes = {"image_size": arch.image_size, "latent_dim": arch.latent_dim,
@@ -207,7 +208,7 @@ class ModelCard:
             if size < 1:
                 raise UserError(f"{source}: architecture.{name} must be positive, got {size}")
         if (arch.extra_convs != self.settings.extra_convs
-                or (arch.code_grid, arch.latent_dim) != self.settings.code_shape(arch.image_size)):
+                or (arch.code_grid, arch.latent_dim) != (resolved.code_grid, resolved.latent_dim)):
             raise UserError(f"{source}: architecture and training.settings disagree on extra_convs, code_grid or "
                             f"latent_dim")
         lookalikes = self.calibration.lookalike_codes if self.calibration else []

@@ -167,7 +167,8 @@ def train(
                                               "or a .npy/.npz array shaped (N,H,W) or (N,H,W,C).")],
     out: Annotated[Path, typer.Option("--out", "-o", envvar="AADETECT_MODEL",
                                       help="Model folder to write (env: AADETECT_MODEL).")] = Path(DEFAULT_MODEL),
-    epochs: Annotated[int, typer.Option(help="Most training epochs (early stopping may end sooner).")
+    epochs: Annotated[int, typer.Option(help="Most training epochs (early stopping may end sooner); 0 = auto: 20, "
+                                             "or 30 for a code grid.")
                       ] = TrainConfig.epochs,
     image_size: Annotated[int, typer.Option(help="Side in pixels the images are resized to; 0 = auto: the "
                                                  "images' own size (to a multiple of 4) up to 32, 64 up to 127, "
@@ -178,7 +179,8 @@ def train(
                          ] = TrainConfig.code_grid,
     latent_dim: Annotated[int, typer.Option(help="Numbers in each code; 0 = auto: 32 for one code per image, "
                                                  "8 for a code grid.")] = TrainConfig.latent_dim,
-    batch_size: Annotated[int, typer.Option(help="Images per training step.")] = TrainConfig.batch_size,
+    batch_size: Annotated[int, typer.Option(help="Images per training step; 0 = auto: 64, or 16 for a code grid.")
+                          ] = TrainConfig.batch_size,
     error: Annotated[ErrorMeasure, typer.Option(help="Reconstruction error measure. ssim: the structural "
                                                      "dissimilarity of the worst 10% of pixels, each divided by "
                                                      "how well good images are rebuilt there; scaled-mse: the "

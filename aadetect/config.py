@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -14,7 +15,9 @@ OBJECTIVES = ("balanced-accuracy", "f1")  # what calibration's joint threshold s
 AUTO = 0  # image_size, latent_dim or code_grid == AUTO: pick it from the data
 LOCAL_IMAGE_SIZE = 128  # from this size on, a code describes each neighbourhood (code_grid > 1) by default
 LOCAL_CELL = 8  # pixels per side of the neighbourhood a local code describes by default
-GLOBAL_LATENT, LOCAL_LATENT = 32, 8  # default code sizes: one code per image; one per neighbourhood
+GLOBAL_LATENT, LOCAL_LATENT = 32, 16  # default code sizes: one code per image; one per neighbourhood
+GLOBAL_BATCH, LOCAL_BATCH = 64, 16  # default batch sizes: a grid learns from few large images, in more steps
+GLOBAL_EPOCHS, LOCAL_EPOCHS = 20, 30
 MAX_SHIFT_RADIUS = 2  # (2r + 1)^2 forward passes an image: 25 at most
 MAX_EPOCHS = 100_000
 MAX_BATCH_SIZE = 1 << 20
@@ -29,10 +32,10 @@ class TrainConfig:
     step can take it as valid.
     """
 
-    epochs: int = 20
+    epochs: int = AUTO  # GLOBAL_EPOCHS, or LOCAL_EPOCHS for a code grid
     image_size: int = AUTO
     latent_dim: int = AUTO  # numbers in each code; default GLOBAL_LATENT, or LOCAL_LATENT for a code grid
-    batch_size: int = 64
+    batch_size: int = AUTO  # GLOBAL_BATCH, or LOCAL_BATCH for a code grid
     error: str = "ssim"  # a small local defect is not diluted by the many pixels rebuilt well
     seed: int = 0
     device: str = "auto"
@@ -52,8 +55,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         """Fail fast, before any expensive work, on settings that cannot work."""
-        if not 1 <= self.epochs <= MAX_EPOCHS:
-            raise UserError(f"--epochs must be between 1 and {MAX_EPOCHS:,}, got {self.epochs}")
+        if not 0 <= self.epochs <= MAX_EPOCHS:
+            raise UserError(f"--epochs must be 0 (auto) or between 1 and {MAX_EPOCHS:,}, got {self.epochs}")
         if self.image_size != AUTO and (self.image_size < 8 or self.image_size % 4):
             raise UserError(f"--image-size must be 0 (auto) or a multiple of 4 that is at least 8, got {self.image_size}")
         if self.image_size > 512:
@@ -62,8 +65,8 @@ class TrainConfig:
             raise UserError(f"--latent-dim must be 0 (auto) or between 1 and 256, got {self.latent_dim}")
         if not 0 <= self.code_grid <= 128 or self.code_grid & (self.code_grid - 1):
             raise UserError(f"--code-grid must be 0 (auto) or a power of 2 up to 128, got {self.code_grid}")
-        if not 2 <= self.batch_size <= MAX_BATCH_SIZE:  # torch's sizes are 64-bit: a larger one overflows
-            raise UserError(f"--batch-size must be between 2 and {MAX_BATCH_SIZE:,}, got {self.batch_size}")
+        if self.batch_size != AUTO and not 2 <= self.batch_size <= MAX_BATCH_SIZE:  # torch's sizes are 64-bit
+            raise UserError(f"--batch-size must be 0 (auto) or between 2 and {MAX_BATCH_SIZE:,}, got {self.batch_size}")
         check_seed(self.seed)
         if self.error not in ERROR_MEASURES:
             raise UserError(f"--error must be one of {', '.join(ERROR_MEASURES)}, got {self.error!r}")
@@ -86,16 +89,19 @@ class TrainConfig:
             raise UserError(f"reject_z (the robust rule's cut, in robust z-scores) must be a positive number, "
                             f"got {self.reject_z}")
 
-    def code_shape(self, image_size: int) -> tuple[int, int]:
-        """(code grid side, numbers per code) for images of this size: the settings, or their defaults.
-        Large images get a grid: one code for a whole image cannot hold "a thin crack at the lower left"."""
+    def resolved(self, image_size: int) -> TrainConfig:
+        """These settings for images of this size, every auto one decided (and the shift radius a code grid
+        does not use set to 0). Large images get a code grid: one code for a whole image cannot hold "a
+        thin crack at the lower left"; the grid learns from few large images, in more, smaller steps."""
         grid = self.code_grid or (1 if image_size < LOCAL_IMAGE_SIZE else image_size // LOCAL_CELL)
-        return grid, self.latent_dim or (GLOBAL_LATENT if grid == 1 else LOCAL_LATENT)
-
-    def views_radius(self, grid: int) -> int:
-        """The shift radius scoring uses: none for a code grid, whose neighbourhoods are compared position by
-        position at the grid's own scale, where a pixel's shift is no change."""
-        return self.shift_radius if grid == 1 else 0
+        local = grid > 1
+        return dataclasses.replace(
+            self, image_size=image_size, code_grid=grid,
+            latent_dim=self.latent_dim or (LOCAL_LATENT if local else GLOBAL_LATENT),
+            batch_size=self.batch_size or (LOCAL_BATCH if local else GLOBAL_BATCH),
+            epochs=self.epochs or (LOCAL_EPOCHS if local else GLOBAL_EPOCHS),
+            # a grid's cells are compared position by position, 8 pixels at a time: a pixel's shift is no change
+            shift_radius=0 if local else self.shift_radius)
 
 
 @dataclass(frozen=True)

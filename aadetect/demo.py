@@ -28,7 +28,7 @@ def run_demo(out: str | Path, *, seed: int = 0, epochs: int = DEMO_EPOCHS, train
     reporter = reporter or Reporter()
     config = demo_config(seed, epochs)  # checked before any image is written
     # the KDE needs more codes than dimensions, with room for the images robust training leaves out
-    latent_dim = config.code_shape(config.image_size)[1]
+    latent_dim = config.resolved(config.image_size).latent_dim
     fewest = next(n for n in range(1, 100_000)
                   if n - validation_size(n, config.validation_fraction) >= 3 * latent_dim // 2)
     if train_images < fewest:

@@ -479,8 +479,10 @@ class GridDensity:
     factor depends only on n and d, so it is the same everywhere); torch evaluates them all at once.
 
     Codes come flattened, one row per image: (n, positions * d), position-major, as
-    ``model.flat_codes`` lays them out. ``log_density`` is the image's lowest local log-density
-    (a defect is as unlikely as its least likely neighbourhood); ``local_log_density`` gives them all.
+    ``model.flat_codes`` lays them out. ``log_density`` pools an image's local log-densities as the
+    mean of its lowest LOW_CELLS (a defect is as unlikely as its least likely neighbourhoods: the
+    lowest few, not the lowest alone, which a single odd cell of a good image can set);
+    ``local_log_density`` gives them all.
     """
 
     def __init__(self, codes: np.ndarray, covariances: np.ndarray, bandwidth: str, factor: float, radius: str):
@@ -577,8 +579,8 @@ class GridDensity:
             return log_density.T.cpu().numpy()
 
     def log_density(self, queries, *, device: Any = "cpu") -> np.ndarray:
-        """Each image's lowest local log-density (m,)."""
-        return self.local_log_density(queries, device=device).min(1)
+        """Each image's log-density (m,): its local ones pooled (`pooled`)."""
+        return pooled(self.local_log_density(queries, device=device))
 
     def state_dict(self) -> dict:
         return {"codes": self._codes.copy(), "covariance": self._covariances.copy(), "bandwidth": self._bandwidth,
@@ -599,6 +601,15 @@ class GridDensity:
 
     def to_bytes(self) -> bytes:
         return _npz_bytes(self.state_dict())
+
+
+LOW_CELLS = 0.04  # the fraction of an image's cells, the least likely ones, whose log-densities are averaged
+
+
+def pooled(local_log_density: np.ndarray) -> np.ndarray:
+    """Images' log-densities from their cells' (m, positions): the mean of the lowest LOW_CELLS (at least one)."""
+    lowest = max(1, round(LOW_CELLS * local_log_density.shape[1]))
+    return np.sort(local_log_density, axis=1)[:, :lowest].mean(1)
 
 
 def _npz_bytes(state: dict) -> bytes:

@@ -75,9 +75,10 @@ def _train_into(model_dir: Path, data: Path, config: TrainConfig, device: str, r
         store.save_checkpoint(checkpoint_file, {**state, "identity": identity})
 
     train_count = len(refs) - validation_size(len(refs), config.validation_fraction)
-    with reporter.progress("training", total=config.epochs * train_count) as advance:
+    epochs = config.resolved(pixels.shape[-1] if isinstance(pixels, torch.Tensor) else pixels.size).epochs
+    with reporter.progress("training", total=epochs * train_count) as advance:
         def on_epoch(record: dict) -> None:
-            advance(0, description=f"epoch {record['epoch']}/{config.epochs} "
+            advance(0, description=f"epoch {record['epoch']}/{epochs} "
                                    f"loss {record['reconstruction']:.4f} val {record['validation']:.4f}"
                                    + (f" rejected {record['rejected']}" if config.robust else ""))
 
@@ -191,7 +192,8 @@ def fit_detector(pixels, config: TrainConfig, *, device: str | None = None, on_s
         raise UserError(f"{data_label}: training takes uint8 pixels (0-255) shaped (N, C, S, S), as load_images "
                         f"gives; got {type(pixels).__name__} {getattr(pixels, 'dtype', '')} "
                         f"{tuple(getattr(pixels, 'shape', ()))}")
-    grid, latent_dim = config.code_shape(size)
+    config = config.resolved(size)
+    grid, latent_dim = config.code_grid, config.latent_dim
     arch = Architecture.for_images(size, channels, latent_dim, config.extra_convs, grid)
     train_count = len(pixels) - validation_size(len(pixels), config.validation_fraction)
     if train_count <= latent_dim:  # the density needs more codes than dimensions: say so before training
@@ -222,7 +224,7 @@ def fit_detector(pixels, config: TrainConfig, *, device: str | None = None, on_s
     except ValueError as exc:
         discard_checkpoint()
         raise UserError(f"{data_label}: cannot fit the density ({exc})") from None
-    detector = Detector(model, density, None, error_measure=config.error, shift_radius=config.views_radius(grid),
+    detector = Detector(model, density, None, error_measure=config.error, shift_radius=config.shift_radius,
                         device=device)
     held_out_errors, held_out_codes = detector.encode_views(pixels[torch.from_numpy(result.validation_indices)])
     validation = detector.measure_codes(held_out_errors, held_out_codes)

@@ -12,6 +12,7 @@ without them.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Callable
@@ -22,7 +23,7 @@ import torch.nn.functional as F
 
 from aadetect.config import Architecture, TrainConfig
 from aadetect.errors import UserError
-from aadetect.model import AdversarialAutoencoder, flat_codes, reconstruction_error, to_input
+from aadetect.model import AdversarialAutoencoder, flat_codes, reconstruction_error, structural_dissimilarity, to_input
 
 EVAL_BATCH = 256
 NEIGHBOURS = 10  # the robust rule's neighbourhood: larger than a few duplicates, far smaller than a class
@@ -128,6 +129,16 @@ def find_outliers(model, images: torch.Tensor, device: str, measure: str, reject
     return torch.maximum(robust_z(log_error), robust_z(log_distance)) > reject_z
 
 
+def rebuilding_loss(reconstruction: torch.Tensor, images: torch.Tensor, arch: Architecture) -> torch.Tensor:
+    """What the networks learn to lower, per image: the squared error; for a code grid, plus the structural
+    dissimilarity, so that the local codes carry the structure of their neighbourhoods and not only its
+    brightness (it made them a far better density on real defects: benchmarks/RESULTS.md)."""
+    loss = reconstruction_error(reconstruction, images, "mse")
+    if arch.code_grid > 1:
+        loss = loss + structural_dissimilarity(reconstruction, images).flatten(1).mean(1)
+    return loss
+
+
 def weighted_mean(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     return (values * weights).sum() / weights.sum().clamp_min(1.0)
 
@@ -138,6 +149,7 @@ def train_autoencoder(images: torch.Tensor, arch: Architecture, config: TrainCon
                       save_checkpoint: Callable[[dict], None] | None = None,
                       resume_from: dict | None = None) -> TrainResult:
     """Train on uint8 images (N, C, S, S); part of them is held out for early stopping."""
+    config = dataclasses.replace(config, code_grid=arch.code_grid).resolved(arch.image_size)  # autos decided
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
     count = len(images)
@@ -189,8 +201,7 @@ def train_autoencoder(images: torch.Tensor, arch: Architecture, config: TrainCon
 
             # Reconstruction phase: encoder and decoder learn to rebuild the image.
             codes, reconstruction = model(batch)
-            reconstruction_loss = weighted_mean(reconstruction_error(reconstruction, batch, loss_measure),
-                                                batch_weights)
+            reconstruction_loss = weighted_mean(rebuilding_loss(reconstruction, batch, arch), batch_weights)
             reconstruction_optimizer.zero_grad(set_to_none=True)
             reconstruction_loss.backward()
             reconstruction_optimizer.step()

@@ -26,10 +26,12 @@ and the results go to a JSON file under benchmarks/runs/, rewritten after each
 method, so a run that dies keeps what it measured (``--resume FILE`` goes on).
 
 Methods
-  aadetect        aadetect train (defaults: 64 px) / calibrate / evaluate --format json, through the CLI
-  aadetect-128    the same with ``train --image-size 128``
-  aadetect-adv    ``train --adversarial``
+  aadetect        aadetect train (defaults: 128 px, a 16x16 code grid) / calibrate / evaluate --format json,
+                  through the CLI
+  aadetect-adv    ``train --adversarial``: the adversarial prior on every local code
   aadetect-mse    ``train --error mse``
+  aadetect-global ``train --image-size 64 --code-grid 1``: one code per image at 64 px (the design for
+                  small images)
   pca-kde         PCA (numpy SVD) of the raw 128 px pixels to 32 dims + scipy gaussian_kde
   conv-ae-kde     a plain conv autoencoder at 128 px (16x16x16 latent), PCA 16 of the
                   latent + gaussian_kde
@@ -88,9 +90,9 @@ TEST_TITLES = {"p1": "probability 1", "p067": "probability >= 0.67"}
 
 VARIANT_TRAIN_ARGS = {
     "aadetect": [],
-    "aadetect-128": ["--image-size", "128"],
     "aadetect-adv": ["--adversarial"],
     "aadetect-mse": ["--error", "mse"],
+    "aadetect-global": ["--image-size", "64", "--code-grid", "1"],
 }
 PEER_METHODS = ("pca-kde", "conv-ae-kde", "pyod-ae", "pyod-deepsvdd")
 ALL_METHODS = tuple(VARIANT_TRAIN_ARGS) + PEER_METHODS

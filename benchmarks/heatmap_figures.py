@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
                 verdict = "anomalous" if numbers["anomaly"] else "good"
                 draw.text((c * args.tile + 3, top + 1), f"{verdict}, score {numbers['score']:.1f}", fill="black")
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        sheet.save(args.out, optimize=True)
+        sheet.quantize(colors=128).save(args.out, optimize=True)  # small enough to commit
     print(args.out)
     return 0
 

@@ -423,7 +423,7 @@ def test_streaming_over_several_decode_batches_keeps_order_and_numbers(tmp_path)
 
 
 @pytest.mark.parametrize("args, message", [
-    (("--epochs", "0"), "--epochs"),
+    (("--epochs", "-1"), "--epochs"),
     (("--latent-dim", "-1"), "--latent-dim"),
     (("--code-grid", "3"), "--code-grid"),
     (("--image-size", "-4"), "--image-size"),

@@ -381,7 +381,7 @@ def test_nan_weights_and_absurd_sizes_are_usage_errors(model, dataset):
     edit_card(model, lambda card: card["files"].update({"weights.pt": digest}))
     one_line_error(run("score", "--model", model, dataset["good"]), "weights.pt: holds NaN")
     one_line_error(run("train", dataset["train"], "--out", model.parent / "m2", "--batch-size",
-                       "99999999999999999999"), "--batch-size must be between")
+                       "99999999999999999999"), "--batch-size must be 0 (auto) or between")
 
 
 # ---- 9. hand edits: every key required, none unknown, file names plain ---------------------------------------

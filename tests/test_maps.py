@@ -59,7 +59,7 @@ def grid_data(tmp_path_factory):
 @pytest.fixture(scope="module")
 def grid_model(grid_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("grid-model") / "model"
-    result = invoke("train", grid_data["train"], "--out", out, "--image-size", GRID_SIZE, "--code-grid", 4,
+    result = invoke("train", grid_data["train"], "--out", out, "--image-size", GRID_SIZE, "--code-grid", 4, "--latent-dim", 8,
                     "--epochs", 30, "--seed", 0, "--device", "cpu", "--quiet")
     assert result.exit_code == 0, result.stderr
     return out
@@ -99,7 +99,7 @@ def test_the_detector_returns_the_maps_that_score_draws(grid_model, grid_data):
     assert maps.shape == (8, GRID_SIZE, GRID_SIZE) and scores.density_map.shape == (8, 4, 4)
     # a flagged image's map crosses the threshold somewhere: its number pools its map's worst part
     assert all(maps[k].max() > 0 for k in np.flatnonzero(scores.anomaly))
-    # the lowest neighbourhood is the image's log-density
+    # the least likely neighbourhoods make the image's log-density (on a 4x4 grid: the lowest one)
     assert np.array_equal(scores.density_map.reshape(8, -1).min(1), scores.log_density)
     streamed = [row for _, row, _ in detector.score_images(refs, maps=True)]
     assert all(np.array_equal(row["anomaly_map"], maps[k]) for k, row in enumerate(streamed))

@@ -83,7 +83,7 @@ def test_options_that_cannot_work_are_refused_before_training(dataset, tmp_path)
     assert_one_line_error(invoke("train", few, "--out", tmp_path / "m", *TRAIN_ARGS, "--seed", str(2 ** 70)),
                           "--seed")
     assert_one_line_error(invoke("demo", "--out", tmp_path / "demo", "--seed", "-1"), "--seed")
-    assert_one_line_error(invoke("demo", "--out", tmp_path / "demo", "--epochs", "0"), "--epochs")
+    assert_one_line_error(invoke("demo", "--out", tmp_path / "demo", "--epochs", "-1"), "--epochs")
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
     assert_one_line_error(invoke("train", few, "--out", blocker / "m", *TRAIN_ARGS), str(blocker / "m"),
