@@ -40,7 +40,8 @@ def run_demo(out: str | Path, *, seed: int = 0, epochs: int = DEMO_EPOCHS, train
     model_dir = out / "model"
     train(folders["train"], model_dir, config, reporter=reporter)
     calibrate(model_dir, folders["calibrate_good"], folders["calibrate_anomalous"], device="cpu", reporter=reporter)
-    report = evaluate(model_dir, folders["test_good"], folders["test_anomalous"], device="cpu", reporter=reporter)
+    report = evaluate(model_dir, folders["test_good"], folders["test_anomalous"],
+                      masks=out / "data" / "masks" / "test_anomalous", device="cpu", reporter=reporter)
     reporter.info(f"model: {model_dir}   data: {out / 'data'}   "
                   f"(try: aadetect score --model {model_dir} {folders['test_anomalous']})")
     return report

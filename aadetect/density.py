@@ -192,7 +192,28 @@ def _log_sum_kernels(block, codes, code_tile: int, tile):
     return result
 
 
-class KernelDensity:
+class _KernelChoice:
+    """How a density's kernels were chosen, as the card records it: scipy's bandwidth rule, its factor, and
+    the code radius applied to every code."""
+
+    _bandwidth: str
+    _factor: float
+    _radius: str
+
+    @property
+    def bandwidth(self) -> str:
+        return self._bandwidth
+
+    @property
+    def factor(self) -> float:
+        return self._factor
+
+    @property
+    def radius(self) -> str:
+        return self._radius
+
+
+class KernelDensity(_KernelChoice):
     """Gaussian KDE over latent codes; scipy fits it, torch evaluates it in batched float64.
 
     ``codes`` is (n, d) float64, the kernel centres (the fitted codes after ``map_radius``),
@@ -287,18 +308,6 @@ class KernelDensity:
         view = self._covariance.view()
         view.flags.writeable = False
         return view
-
-    @property
-    def bandwidth(self) -> str:
-        return self._bandwidth
-
-    @property
-    def factor(self) -> float:
-        return self._factor
-
-    @property
-    def radius(self) -> str:
-        return self._radius
 
     def without(self, indices) -> "KernelDensity":
         """The same kernel over the codes less those at `indices` (the covariance is not refitted, so
@@ -470,7 +479,7 @@ class KernelDensity:
             raise ValueError(f"{path}: {error}") from None
 
 
-class GridDensity:
+class GridDensity(_KernelChoice):
     """One Gaussian KDE per position of a code grid, each over the good images' codes at that position.
 
     A neighbourhood is compared with the same neighbourhood of the good images: a dark corner is
@@ -529,18 +538,6 @@ class GridDensity:
     def dim(self) -> int:
         """Numbers in one image's codes: positions * the size of one local code."""
         return int(self._codes.shape[0] * self._codes.shape[2])
-
-    @property
-    def bandwidth(self) -> str:
-        return self._bandwidth
-
-    @property
-    def factor(self) -> float:
-        return self._factor
-
-    @property
-    def radius(self) -> str:
-        return self._radius
 
     def __repr__(self) -> str:
         return (f"GridDensity(positions={self.positions}, n_codes={self.n_codes}, dim={self._codes.shape[2]}, "

@@ -50,8 +50,9 @@ def main(argv: list[str] | None = None) -> int:
                     tile = tile.convert("RGB").resize((args.tile, args.tile), Image.Resampling.BILINEAR)
                 top = r * (args.tile + label_height)
                 sheet.paste(tile, (c * args.tile, top + label_height))
-                verdict = "anomalous" if numbers["anomaly"] else "good"
-                draw.text((c * args.tile + 3, top + 1), f"{verdict}, score {numbers['score']:.1f}", fill="black")
+                truth = "good" if r == 0 else "defective"
+                verdict = "flagged" if numbers["anomaly"] else "passed"
+                draw.text((c * args.tile + 3, top + 1), f"{truth}: {verdict}, {numbers['score']:.1f}", fill="black")
         args.out.parent.mkdir(parents=True, exist_ok=True)
         sheet.quantize(colors=128).save(args.out, optimize=True)  # small enough to commit
     print(args.out)

@@ -477,8 +477,10 @@ def test_demo_runs_the_whole_job(tmp_path):
     # the demo's evaluation is the evaluate command's, number for number
     folders = tmp_path / "demo" / "data"
     again = invoke("evaluate", "--model", tmp_path / "demo" / "model", "--good", folders / "test_good",
-                   "--anomalous", folders / "test_anomalous", "--format", "json")
+                   "--anomalous", folders / "test_anomalous", "--masks", folders / "masks" / "test_anomalous",
+                   "--format", "json")
     assert json.loads(again.stdout) == report
+    assert report["masked_images"] == 200 and 0.5 < report["pixel_auroc"] <= 1.0  # where, after one epoch
 
 
 def test_demo_refuses_too_few_training_images_before_writing_any(tmp_path):
