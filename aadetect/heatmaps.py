@@ -16,7 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["COLOUR_TABLE", "MAP_RANGE", "colour_indices", "resized_map", "overlay", "in_original", "heatmap_png", "write_heatmap", "HeatmapFolder"]
+__all__ = ["COLOUR_TABLE", "MAP_RANGE", "HeatmapFolder", "colour_indices", "heatmap_png", "in_original", "overlay",
+           "resized_map", "write_heatmap"]
 
 MAP_RANGE = (-3.0, 3.0)  # threshold units from the first to the last colour of the table
 TABLE_SIZE = 256

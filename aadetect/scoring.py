@@ -112,14 +112,15 @@ def anomaly_maps(measured: Measurements, thresholds: Thresholds) -> tuple[np.nda
     receptive field reaches past its cell), falling off as the reconstruction does, and faster for a
     stronger verdict (by its own size per unit of error, from 1 up), so that it marks as many pixels as a
     weak one: the density says that something there is unlike the good images, the reconstruction says
-    where. The larger of the two is kept. So the map's highest value is the larger of the worst pixel's error and the least likely code's
-    density, never below the image's score: an image over a threshold shows it somewhere.
+    where. The larger of the two is kept. So the map's highest value is the larger of the worst pixel's
+    error and the least likely code's density, never below the image's score: an image over a threshold
+    shows it somewhere.
     """
     if measured.reconstruction_map is None:
         raise ValueError("these measurements hold no maps: measure with maps=True")
     with np.errstate(divide="ignore"):  # an error of exactly 0 is -inf: far below the threshold
-        reconstruction = ((np.log(measured.reconstruction_map.astype(np.float64)) - np.log(thresholds.reconstruction_cut))
-                          / thresholds.reconstruction.scale)
+        reconstruction = ((np.log(measured.reconstruction_map.astype(np.float64))
+                           - np.log(thresholds.reconstruction_cut)) / thresholds.reconstruction.scale)
     reconstruction = np.maximum(reconstruction, FAR_BELOW)
     count, size = len(reconstruction), reconstruction.shape[-1]
     log_density = (measured.density_map if measured.density_map is not None

@@ -59,8 +59,8 @@ def grid_data(tmp_path_factory):
 @pytest.fixture(scope="module")
 def grid_model(grid_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("grid-model") / "model"
-    result = invoke("train", grid_data["train"], "--out", out, "--image-size", GRID_SIZE, "--code-grid", 4, "--latent-dim", 8,
-                    "--epochs", 30, "--seed", 0, "--device", "cpu", "--quiet")
+    result = invoke("train", grid_data["train"], "--out", out, "--image-size", GRID_SIZE, "--code-grid", 4,
+                    "--latent-dim", 8, "--epochs", 30, "--seed", 0, "--device", "cpu", "--quiet")
     assert result.exit_code == 0, result.stderr
     return out
 
