@@ -119,28 +119,28 @@ def anomaly_maps(measured: Measurements, thresholds: Thresholds) -> tuple[np.nda
     if measured.reconstruction_map is None:
         raise ValueError("these measurements hold no maps: measure with maps=True")
     with np.errstate(divide="ignore"):  # an error of exactly 0 is -inf: far below the threshold
-        reconstruction = ((np.log(measured.reconstruction_map.astype(np.float64))
-                           - np.log(thresholds.reconstruction_cut)) / thresholds.reconstruction.scale)
-    reconstruction = np.maximum(reconstruction, FAR_BELOW)
+        reconstruction = ((np.log(measured.reconstruction_map.astype(np.float32))
+                           - np.float32(np.log(thresholds.reconstruction_cut)))
+                          / np.float32(thresholds.reconstruction.scale))
+    reconstruction = np.maximum(reconstruction, np.float32(FAR_BELOW))
     count, size = len(reconstruction), reconstruction.shape[-1]
     log_density = (measured.density_map if measured.density_map is not None
                    else measured.log_density[:, None, None])
-    density = (thresholds.density_cut - log_density) / thresholds.density.scale  # (N, G, G)
+    density = ((thresholds.density_cut - log_density) / thresholds.density.scale).astype(np.float32)  # (N, G, G)
     if thresholds.anomaly_log_odds is not None and measured.anomaly_log_odds is not None:
         odds = (measured.anomaly_log_odds - thresholds.odds_cut) / thresholds.anomaly_log_odds.scale
-        density = np.maximum(density, odds[:, None, None])
+        density = np.maximum(density, odds[:, None, None].astype(np.float32))
     grid = density.shape[-1]
     cell = size // grid
     cells = blurred(reconstruction).reshape(count, grid, cell, grid, cell)  # where: the middle of an edge's error
     worst_seen = np.pad(around(cells.max(axis=(2, 4))), ((0, 0), (1, 1), (1, 1)))
-    steepness = np.pad(np.maximum(density, 1.0), ((0, 0), (1, 1), (1, 1)), constant_values=1.0)
+    steepness = np.pad(np.maximum(density, np.float32(1)), ((0, 0), (1, 1), (1, 1)), constant_values=1)
     verdict = np.pad(density, ((0, 0), (1, 1), (1, 1)), constant_values=-np.inf)
-    drawn = np.full(cells.shape, -np.inf)
+    drawn = np.full(cells.shape, -np.inf, dtype=np.float32)
     for dy, dx in itertools.product(range(3), repeat=2):  # each pixel takes the largest of the codes that see it
         seen = (slice(None), slice(dy, dy + grid), None, slice(dx, dx + grid), None)
         drawn = np.maximum(drawn, verdict[seen] - steepness[seen] * (worst_seen[seen] - cells))
-    combined = np.maximum(reconstruction, drawn.reshape(count, size, size))
-    return combined.astype(np.float32), reconstruction.astype(np.float32)
+    return np.maximum(reconstruction, drawn.reshape(count, size, size)), reconstruction
 
 
 def around(values: np.ndarray) -> np.ndarray:
@@ -155,22 +155,22 @@ FAR_BELOW = -1e6  # threshold units for a pixel rebuilt exactly (log 0): below e
 def peak_position(anomaly_map: np.ndarray, reconstruction_part: np.ndarray) -> tuple[int, int]:
     """(column, row) of the map's highest point, found on the map a little blurred (a defect's error is
     highest along its edges, where the two images differ most in structure: the blur brings the peak in
-    to the defect itself). Among equal values, the worst-rebuilt pixel, then the last in row order."""
-    order = np.lexsort((blurred(reconstruction_part).ravel(), blurred(anomaly_map).ravel()))
-    row, column = np.unravel_index(int(order[-1]), anomaly_map.shape)
+    to the defect itself). Among equal values, the worst-rebuilt pixel, then the first in row order."""
+    smooth = blurred(anomaly_map).ravel()
+    highest = np.flatnonzero(smooth == smooth.max())
+    if len(highest) > 1:  # a density drawn flat over the image: where it is rebuilt worst
+        worst = blurred(reconstruction_part).ravel()[highest]
+        highest = highest[worst == worst.max()]
+    row, column = np.unravel_index(int(highest[0]), anomaly_map.shape)
     return int(column), int(row)
 
 
 def blurred(values: np.ndarray) -> np.ndarray:
     """Values (..., H, W) smoothed by a 5-tap binomial filter (about a Gaussian of 1 pixel), edges repeated."""
-    values = values.astype(np.float64)
-    for axis in (-2, -1):
-        pad = [(0, 0)] * values.ndim
-        pad[axis] = (2, 2)
-        padded = np.pad(values, pad, mode="edge")
-        length = values.shape[axis]
-        values = sum(weight * np.take(padded, range(shift, shift + length), axis=axis)
-                     for shift, weight in enumerate(BINOMIAL))
+    taps = BINOMIAL.astype(values.dtype)
+    for axis in (values.ndim - 2, values.ndim - 1):
+        pad = [(2, 2) if k == axis else (0, 0) for k in range(values.ndim)]
+        values = np.lib.stride_tricks.sliding_window_view(np.pad(values, pad, mode="edge"), 5, axis=axis) @ taps
     return values
 
 
@@ -338,6 +338,14 @@ class Detector:
         return Measurements(errors, log_density[:count], None if odds is None else odds[:count],
                             per_pixel if maps else None, local)
 
+    def _mapped_batch(self, pixels) -> tuple[Measurements, np.ndarray, list[tuple[int, int]]]:
+        """`_measure_batch` with maps, and the anomaly maps and their peaks, drawn in the pool's thread: on a
+        large image the maps cost about what the networks do."""
+        measured = self._measure_batch(pixels, maps=True)
+        combined, reconstruction = anomaly_maps(measured, self.thresholds)
+        peaks = [peak_position(combined[k], reconstruction[k]) for k in range(len(combined))]
+        return dataclasses.replace(measured, reconstruction_map=None, density_map=None), combined, peaks
+
     def score(self, pixels, *, maps: bool = False) -> Scores:
         """The OR rule's verdict on uint8 images (N, C, S, S); with `maps`, the measurements' maps are kept for
         `anomaly_maps(scores, detector.thresholds)`."""
@@ -369,7 +377,7 @@ class Detector:
             for batch in iterate_batches(refs, self.image_size, self.channels, batch_size=DECODE_BATCH,
                                          workers=workers, pin_memory=on_gpu):
                 pixels = batch.pixels if batch.pixels is not None else ()
-                pending.append((batch, [pool.submit(self._measure_batch, pixels[start:start + size], maps=True)
+                pending.append((batch, [pool.submit(self._mapped_batch, pixels[start:start + size])
                                         for start in range(0, len(pixels), size)]))
                 # wait for the oldest batch only while the newer ones give every thread two pieces,
                 # so the pool keeps working while this thread decodes the next batch
@@ -382,10 +390,12 @@ class Detector:
               ) -> Iterator[tuple[ImageRef, dict | None, str | None]]:
         rows: dict[int, tuple[dict | None, str | None]] = {i: (None, message) for i, message in batch.errors}
         if futures:
-            scores = decide(joined([future.result() for future in futures]), self.thresholds)
-            combined, reconstruction = anomaly_maps(scores, self.thresholds)
+            pieces = [future.result() for future in futures]
+            scores = decide(joined([measured for measured, _, _ in pieces]), self.thresholds)
+            combined = [anomaly_map for _, maps_of_piece, _ in pieces for anomaly_map in maps_of_piece]
+            peaks = [peak for _, _, peaks_of_piece in pieces for peak in peaks_of_piece]
             for k, index in enumerate(batch.indices):
-                x, y = in_original(peak_position(combined[k], reconstruction[k]), self.image_size, *batch.sizes[k])
+                x, y = in_original(peaks[k], self.image_size, *batch.sizes[k])
                 row = {**scores.row(k), "peak_x": x, "peak_y": y}
                 if maps:
                     row.update(anomaly_map=combined[k], image_size=batch.sizes[k])
