@@ -24,7 +24,7 @@ from aadetect.card import Thresholds
 from aadetect.devices import exact_math, resolve_device
 from aadetect.errors import UserError
 from aadetect.images import ImageRef, ImagesOnDisk, iterate_batches, materialize
-from aadetect.density import GridDensity
+from aadetect.density import GridDensity, pooled
 from aadetect.heatmaps import in_original
 from aadetect.model import flat_codes, pixel_error, pooled_error, shifted_views, to_input
 from aadetect.parallel import piece_pool
@@ -328,13 +328,15 @@ class Detector:
         numbers alone or in a folder."""
         errors, codes, per_pixel = self._encode_batch(pixels, padded=True)
         count = len(errors)
+        local = None
         with torch.inference_mode(), exact_math(self.device):
-            log_density, odds = self.log_densities(codes)
-            local = None
-            if maps and isinstance(self.density, GridDensity):
+            if maps and isinstance(self.density, GridDensity):  # one view, no mixture: pool the cells once
+                cells = self.density.local_log_density(codes[0].double(), device=self.device)  # the padded batch
+                log_density, odds = pooled(cells), None
                 grid = self.model.arch.code_grid
-                local = self.density.local_log_density(codes[0].double(), device=self.device)  # the padded batch
-                local = local[:count].reshape(count, grid, grid)
+                local = cells[:count].reshape(count, grid, grid)
+            else:
+                log_density, odds = self.log_densities(codes)
         return Measurements(errors, log_density[:count], None if odds is None else odds[:count],
                             per_pixel if maps else None, local)
 

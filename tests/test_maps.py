@@ -104,6 +104,8 @@ def test_the_detector_returns_the_maps_that_score_draws(grid_model, grid_data):
     streamed = [row for _, row, _ in detector.score_images(refs, maps=True)]
     assert all(np.array_equal(row["anomaly_map"], maps[k]) for k, row in enumerate(streamed))
     assert [row["score"] for row in streamed] == scores.score.tolist()
+    plain = detector.score(pixels)  # without maps: the same numbers, by the path calibration takes
+    assert np.array_equal(plain.log_density, scores.log_density) and np.array_equal(plain.score, scores.score)
 
 
 def test_heatmaps_are_the_original_size_deterministic_and_named_in_the_rows(grid_model, grid_data, tmp_path):
