@@ -336,6 +336,28 @@ def measure_anomalous(detector: Detector, pixels) -> Measurements:
 
 # ------------------------------------------------------------------------------------------- evaluate
 
+@dataclass(frozen=True)
+class ScoredImages:
+    """The readable images of one labelled folder, in the order found, with their scores."""
+
+    folder: str
+    refs: list[ImageRef]
+    scores: Scores
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """`evaluate`'s report with what its numbers came from: the model's card and detector, and each side's
+    images and scores (what `aadetect.report` draws)."""
+
+    report: dict
+    model: str
+    card: ModelCard
+    detector: Detector
+    good: ScoredImages
+    anomalous: ScoredImages
+
+
 def evaluate(model: str | Path, good: str | Path, anomalous: str | Path, *, masks: str | Path | None = None,
              device: str = "auto", reporter: Reporter | None = None) -> dict:
     """Ranking quality of each signal and decision quality at the card's thresholds, on labelled images:
@@ -348,35 +370,50 @@ def evaluate(model: str | Path, good: str | Path, anomalous: str | Path, *, mask
     >>> sorted(report["auroc"]), report["n_good"]
     (['combined', 'density', 'lookalike', 'reconstruction'], 12)
     """
+    return evaluation(model, good, anomalous, masks=masks, device=device, reporter=reporter).report
+
+
+def evaluation(model: str | Path, good: str | Path, anomalous: str | Path, *, masks: str | Path | None = None,
+               device: str = "auto", reporter: Reporter | None = None) -> Evaluation:
+    """`evaluate`, keeping each image's scores, and the card and detector that gave them."""
     reporter = reporter or Reporter()
-    detector = Detector.load(model, device)
+    device = resolve_device(device)
+    stored = store.read_model(Path(model), device)  # card and detector from the same generation of the folder
+    detector = Detector.of(stored, device)
     good_refs, anomalous_refs = find_images(good), find_images(anomalous)  # both found before either is scored
     with_maps = masks is not None
-    good_names, good_scores, good_unreadable, good_maps = measure_folder(detector, good, good_refs, reporter,
-                                                                         "good", maps=with_maps)
-    anomalous_names, anomalous_scores, anomalous_unreadable, anomalous_maps = measure_folder(
+    good_scored, good_unreadable, good_maps = measure_folder(detector, good, good_refs, reporter, "good",
+                                                             maps=with_maps)
+    anomalous_scored, anomalous_unreadable, anomalous_maps = measure_folder(
         detector, anomalous, anomalous_refs, reporter, "anomalous", maps=with_maps)
     localisation = {} if masks is None else localisation_report(Path(masks), Path(anomalous), good_maps,
                                                                 anomalous_maps, reporter)
-    signals = {  # higher means more anomalous
-        "reconstruction": (good_scores.reconstruction_error, anomalous_scores.reconstruction_error),
-        "density": (-good_scores.log_density, -anomalous_scores.log_density),
-        **({"lookalike": (good_scores.anomaly_log_odds, anomalous_scores.anomaly_log_odds)}
-           if good_scores.anomaly_log_odds is not None else {}),
-        "combined": (good_scores.score, anomalous_scores.score),
-    }
-    counts = confusion(good_scores.anomaly, anomalous_scores.anomaly)
+    pairs = signals(good_scored.scores, anomalous_scored.scores)
+    counts = confusion(good_scored.scores.anomaly, anomalous_scored.scores.anomaly)
     rates = decision_metrics(**counts)
-    return {
-        "auroc": {name: auroc(*pair) for name, pair in signals.items()},
-        "auprc": {name: average_precision(*pair) for name, pair in signals.items()},
+    report = {
+        "auroc": {name: auroc(*pair) for name, pair in pairs.items()},
+        "auprc": {name: average_precision(*pair) for name, pair in pairs.items()},
         **{name: float(value) for name, value in rates.items()},
         "confusion": counts,
-        "n_good": len(good_names),
-        "n_anomalous": len(anomalous_names),
+        "n_good": len(good_scored.refs),
+        "n_anomalous": len(anomalous_scored.refs),
         "unreadable": good_unreadable + anomalous_unreadable,
         "thresholds_calibrated": detector.thresholds.calibrated,
         **localisation,
+    }
+    return Evaluation(report, str(model), stored.card, detector, good_scored, anomalous_scored)
+
+
+def signals(good: Scores, anomalous: Scores) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Each signal's (good, anomalous) values, turned so that higher means more anomalous: what the
+    report's AUROC and AUPRC rank by."""
+    return {
+        "reconstruction": (good.reconstruction_error, anomalous.reconstruction_error),
+        "density": (-good.log_density, -anomalous.log_density),
+        **({"lookalike": (good.anomaly_log_odds, anomalous.anomaly_log_odds)}
+           if good.anomaly_log_odds is not None else {}),
+        "combined": (good.score, anomalous.score),
     }
 
 
@@ -400,10 +437,10 @@ def localisation_report(masks: Path, anomalous: Path, good_maps: list, anomalous
 
 
 def measure_folder(detector: Detector, path: str | Path, refs: list[ImageRef], reporter: Reporter,
-                   label: str, *, maps: bool = False) -> tuple[list[str], Scores, list[str], list]:
-    """Scores of the images found in `path`, as `score` gives them: their names, their scores, the
-    unreadable files' messages and, with `maps`, each image's (ref, anomaly map, own size)."""
-    names, rows, unreadable, drawn = [], [], [], []
+                   label: str, *, maps: bool = False) -> tuple[ScoredImages, list[str], list]:
+    """Scores of the images found in `path`, as `score` gives them: the readable images with their scores,
+    the unreadable files' messages and, with `maps`, each image's (ref, anomaly map, own size)."""
+    scored, rows, unreadable, drawn = [], [], [], []
     with reporter.progress(f"scoring {label}", total=len(refs)) as advance:
         for ref, row, error in detector.score_images(refs, maps=maps):
             advance(1)
@@ -411,7 +448,7 @@ def measure_folder(detector: Detector, path: str | Path, refs: list[ImageRef], r
                 reporter.warn(error)
                 unreadable.append(error)
                 continue
-            names.append(ref.name)
+            scored.append(ref)
             rows.append(row)
             if maps:
                 drawn.append((ref, row.pop("anomaly_map"), row.pop("image_size")))
@@ -421,7 +458,7 @@ def measure_folder(detector: Detector, path: str | Path, refs: list[ImageRef], r
     odds = column("anomaly_log_odds") if rows[0]["anomaly_log_odds"] is not None else None
     scores = Scores(column("reconstruction_error"), column("log_density"), odds, score=column("score"),
                     anomaly=column("anomaly", bool), reason=column("reason", str))
-    return names, scores, unreadable, drawn
+    return ScoredImages(str(path), scored, scores), unreadable, drawn
 
 
 def unreadable_summary(errors: list[str]) -> str:
