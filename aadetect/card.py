@@ -154,6 +154,26 @@ class ModelCard:
         """The shift radius the model is scored with (`TrainConfig.resolved`)."""
         return self.settings.resolved(self.architecture.image_size).shift_radius
 
+    def summary(self) -> dict:
+        """What a person wants to know of the model before trusting its verdicts: what it was trained on,
+        what it sees, and its thresholds with how they were set (for `serve`'s /model and the report)."""
+        thresholds, calibration = self.thresholds, self.calibration
+        return {
+            "aadetect_version": self.aadetect_version, "created": self.created,
+            "training_data": {"path": self.data.path, "images": self.data.image_count,
+                              "rejected_as_outliers": self.data.rejected_count, "skipped": len(self.data.skipped)},
+            "image_size": self.architecture.image_size, "channels": self.architecture.channels,
+            "code_grid": self.architecture.code_grid, "adversarial": self.settings.adversarial,
+            "error_measure": self.settings.error,
+            "thresholds": {"reconstruction": thresholds.reconstruction_cut, "density": thresholds.density_cut,
+                           "anomaly_log_odds": thresholds.odds_cut, "calibrated": thresholds.calibrated, "method": thresholds.method},
+            "calibration": None if calibration is None else {
+                "created": calibration.created, "objective": calibration.objective,
+                "target_fpr": calibration.target_fpr, "good_samples": calibration.good_count,
+                "anomalous_samples": calibration.anomalous_count, "metrics": calibration.metrics,
+                "warnings": calibration.warnings},
+        }
+
     def to_yaml(self) -> str:
         return yaml.safe_dump(_plain(dataclasses.asdict(self)), sort_keys=False, allow_unicode=True)
 

@@ -341,7 +341,8 @@ def score(
 @app.command(epilog=examples(
     "aadetect evaluate --good test/good --anomalous test/bad",
     "aadetect evaluate --good test/good --anomalous test/bad --format json | jq .auroc",
-    "aadetect evaluate --good test/good --anomalous test/bad --masks test/bad-masks"))
+    "aadetect evaluate --good test/good --anomalous test/bad --masks test/bad-masks",
+    "aadetect evaluate --good test/good --anomalous test/bad --report report.html"))
 @user_errors
 def evaluate(
     good: GoodOption,
@@ -351,6 +352,10 @@ def evaluate(
                                                     "under --anomalous; bright = defect): adds the maps' "
                                                     "pixel AUROC.")] = None,
     format: Annotated[ReportFormat, typer.Option("--format", "-f", help="Output format.")] = ReportFormat.table,
+    report_file: Annotated[Path | None, typer.Option(
+        "--report", help="Also write one self-contained HTML page (no network needed to open it): curves, "
+                         "histograms, the worst mistakes with their anomaly maps, the model card; needs "
+                         "the optional extra 'report'.", metavar="PATH")] = None,
     device: DeviceOption = "auto",
     quiet: QuietOption = False,
 ) -> None:
@@ -358,7 +363,20 @@ def evaluate(
     well its anomaly maps point at the defects (pixel AUROC)."""
     from aadetect import pipeline
 
-    report = pipeline.evaluate(model, good, anomalous, masks=masks, device=device, reporter=reporter_for(quiet))
+    if report_file is not None:  # said before any image is scored
+        from aadetect.atomic import check_writable
+        from aadetect.extras import require
+
+        require("report")
+        check_writable(report_file)
+    reporter = reporter_for(quiet)
+    evaluation = pipeline.evaluation(model, good, anomalous, masks=masks, device=device, reporter=reporter)
+    report = evaluation.report
+    if report_file is not None:
+        from aadetect.report import write_report
+
+        write_report(report_file, evaluation)
+        reporter.info(f"report written to {report_file}")
     print_report(report, format)
     if report["unreadable"]:  # measured on the rest, but the input was not all usable: like `score`
         say(f"aadetect: error: {pipeline.unreadable_summary(report['unreadable'])}")
@@ -385,6 +403,43 @@ def demo(
     reporter = reporter_for(quiet)
     report = run_demo(out, seed=seed, epochs=epochs, train_images=train_images, reporter=reporter)
     print_report(report, format)
+
+
+@app.command(epilog=examples(
+    "aadetect serve                                  # http://127.0.0.1:8000/",
+    "aadetect serve --model parts-model --port 9000 --max-upload-mb 5",
+    "curl -F file=@img.png 'http://127.0.0.1:8000/score?heatmap=true'"))
+@user_errors
+def serve(
+    model: ModelOption = Path(DEFAULT_MODEL),
+    host: Annotated[str, typer.Option(help="Address to listen on. The default answers this machine only; "
+                                           "0.0.0.0 answers every network it is on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on (0: any free one, said on stderr).")] = 8000,
+    max_upload_mb: Annotated[float, typer.Option(help="Largest request body, in MB; larger ones get 413.")] = 20.0,
+    device: DeviceOption = "auto",
+    quiet: QuietOption = False,
+) -> None:
+    """A web page to try images on, and a JSON API: POST /score (multipart, field 'file', repeatable;
+    ?heatmap=true adds each map as base64 PNG), GET /model, GET /healthz. Needs the optional extra 'serve'.
+    Ctrl-C stops it (exit 130)."""
+    from aadetect.extras import require
+
+    require("serve")
+    if not 0 <= port <= 65535:
+        raise UserError(f"--port must be 0-65535, got {port}")
+    if not max_upload_mb > 0:
+        raise UserError(f"--max-upload-mb must be above 0, got {max_upload_mb}")
+    from aadetect.devices import resolve_device
+    from aadetect.serve import serve as serve_model
+
+    def listening(url: str, loopback: bool) -> None:
+        say(f"aadetect: serving {model} at {url} (Ctrl-C stops)")
+        if not loopback:
+            say(f"aadetect: warning: listening on {host}: other machines can reach this page and its API, "
+                f"and there is no authentication")
+
+    serve_model(model, host=host, port=port, device=resolve_device(device), max_upload_mb=max_upload_mb,
+                quiet=quiet, on_listening=listening)
 
 
 def read_paths(paths: list[str], null: bool) -> Iterator[str]:
