@@ -177,30 +177,38 @@ def measured_signals(evaluation: Evaluation) -> list[Signal]:
     return chosen
 
 
-def histogram_edges(values: np.ndarray, cut: float, log_scale: bool) -> np.ndarray:
-    """Bins over the finite values and the cut (positive values only on a log scale)."""
-    values = np.r_[values[np.isfinite(values)], cut]
+def histogram_edges(good: np.ndarray, anomalous: np.ndarray, cut: float, flags_below: bool,
+                    log_scale: bool) -> np.ndarray:
+    """Bins over the good values and the cut, reaching past the cut on the flagged side as far again as
+    four times the good images' own span (further anomalies count in the end bin: a far tail would
+    otherwise squeeze the good images into one bar), on a log scale where the signal has one."""
     if log_scale:
-        positive = values[values > 0]
-        low, high = positive.min(), positive.max()
-        if low == high:
-            low, high = low / 2, high * 2
-        return np.geomspace(low, high, HISTOGRAM_BINS + 1)
-    low, high = values.min(), values.max()
+        good, anomalous, cut = (np.log(np.where(v > 0, v, np.nan)) for v in (good, anomalous, np.float64(cut)))
+    good, anomalous = good[np.isfinite(good)], anomalous[np.isfinite(anomalous)]
+    everything = np.r_[good, anomalous, cut]
+    unflagged = np.r_[good, cut]
+    low, high = unflagged.min(), unflagged.max()
+    reach = 4 * max(high - low, 1e-9)
+    if flags_below:
+        low = max(everything.min(), low - reach)
+    else:
+        high = min(everything.max(), high + reach)
     if low == high:
         low, high = low - 1, high + 1
-    return np.linspace(low, high, HISTOGRAM_BINS + 1)
+    edges = np.linspace(low, high, HISTOGRAM_BINS + 1)
+    return np.exp(edges) if log_scale else edges
 
 
 def histograms_figure(evaluation: Evaluation) -> Figure:
     """Each signal's values for the good and the anomalous images, with the cut drawn and its flagged side
-    shaded. Values past the bins (infinite ones, a zero error on the log scale) count in the end bins."""
+    shaded. Values past the bins (far anomalies, infinite ones, a zero error on the log scale) count in the
+    end bins."""
     chosen = measured_signals(evaluation)
     columns = 2
     rows = math.ceil(len(chosen) / columns)
     figure, axes_list = new_figure(8, 2.8 * rows, nrows=rows, ncols=columns)
     for axes, signal in zip(axes_list, chosen):
-        edges = histogram_edges(np.r_[signal.good, signal.anomalous], signal.cut, signal.log_scale)
+        edges = histogram_edges(signal.good, signal.anomalous, signal.cut, signal.flags_below, signal.log_scale)
         for values, colour, label in ((signal.good, GOOD_COLOUR, "good"),
                                       (signal.anomalous, ANOMALOUS_COLOUR, "anomalous")):
             shown = np.clip(values[~np.isnan(values)], edges[0], edges[-1])
