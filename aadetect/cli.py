@@ -283,7 +283,8 @@ def calibrate(
 @app.command(epilog=examples(
     "aadetect score img.png",
     "aadetect score photos/ --heatmaps maps/ --format csv > scores.csv",
-    "find incoming -name '*.png' | aadetect score - --format jsonl | jq 'select(.anomaly)'"))
+    "find incoming -name '*.png' | aadetect score - --format jsonl | jq 'select(.anomaly)'",
+    "aadetect score photos/ --shard 2/8 --format jsonl > part-2.jsonl   # one of 8 machines"))
 @user_errors
 def score(
     paths: Annotated[list[str], typer.Argument(help="Images or folders to score; '-' reads paths from stdin, "
@@ -294,6 +295,13 @@ def score(
                                                              "(for names with newlines).")] = False,
     heatmaps: Annotated[Path | None, typer.Option(help="Write each image with its anomaly map over it to "
                                                        "DIR/<name>.heatmap.png.", metavar="DIR")] = None,
+    shard: Annotated[Optional[str], typer.Option(
+        help="Score only shard K of N: the inputs whose path, as given (a folder's files by their own paths), "
+             "hashes to K; the same on every machine and run. 'auto' takes K (and N) from a scheduler's array: "
+             "Slurm's SLURM_ARRAY_TASK_ID and _COUNT, or a Kubernetes Indexed Job's JOB_COMPLETION_INDEX "
+             "with --shards N. Join the parts with `aadetect merge`.", metavar="K/N|auto")] = None,
+    shards: Annotated[Optional[int], typer.Option(help="With --shard auto: how many shards there are, where "
+                                                       "the scheduler gives only the index.")] = None,
     device: DeviceOption = "auto",
     quiet: QuietOption = False,
 ) -> None:
@@ -303,7 +311,9 @@ def score(
     from aadetect.heatmaps import HeatmapFolder
     from aadetect.images import Unreadable, expand
     from aadetect.scoring import Detector
+    from aadetect.shards import chosen_shard
 
+    selected = chosen_shard(shard, shards, os.environ, lambda message: say(f"aadetect: note: {message}"))
     detector = Detector.load(model, device)
     drawn = None
     if heatmaps is not None:
@@ -312,6 +322,8 @@ def score(
     writer = RowWriter(format)
     unreadable = anomalous = False
     inputs = expand(read_paths(paths, null))
+    if selected is not None:
+        inputs = (item for item in inputs if selected.holds(item.name))
     while chunk := list(itertools.islice(inputs, SCORE_CHUNK)):  # memory stays flat on an endless stdin
         results = detector.score_images([item for item in chunk if not isinstance(item, Unreadable)],
                                         maps=drawn is not None)
@@ -332,7 +344,7 @@ def score(
                 say(f"aadetect: error: {error}")
             anomalous |= bool(row and row["anomaly"])
             writer.write({"path": ref_name, **(row or {}), "error": error})
-    if writer.count == 0:
+    if writer.count == 0 and selected is None:  # a shard may well hold none of them
         raise UserError("no images to score (give paths, or '-' with paths on stdin)")
     writer.close()
     raise typer.Exit(EXIT_USAGE if unreadable else EXIT_ANOMALY if anomalous else 0)
@@ -440,6 +452,34 @@ def serve(
 
     serve_model(model, host=host, port=port, device=resolve_device(device), max_upload_mb=max_upload_mb,
                 quiet=quiet, on_listening=listening)
+
+
+@app.command(epilog=examples(
+    "aadetect merge part-*.jsonl > scores.jsonl",
+    "aadetect merge part-*.csv --expect inputs.txt > scores.csv"))
+@user_errors
+def merge(
+    parts: Annotated[list[Path], typer.Argument(help="Outputs of `score --shard` (--format jsonl or csv).",
+                                                show_default=False)],
+    expect: Annotated[Optional[Path], typer.Option(help="A file of the inputs' paths, one per line, as given to "
+                                                        "`score`: each must appear in exactly one part.",
+                                                   metavar="LIST")] = None,
+) -> None:
+    """Join the shards' outputs into one on stdout (the CSV header once), each input once: a path in two parts,
+    or, with --expect, one of the list in none, is an error (exit 2). Otherwise the exit status is score's:
+    0 all normal, 1 some anomalous, 2 some input could not be scored."""
+    from aadetect.shards import merge as merged_parts
+
+    expected = None
+    if expect is not None:
+        try:
+            text = expect.read_bytes().decode("utf-8", "surrogateescape")
+        except OSError as exc:
+            raise UserError(f"{expect}: cannot read ({exc.strerror or exc})") from None
+        expected = [line.removesuffix("\r") for line in text.split("\n") if line.strip()]
+    result = merged_parts(parts, expected)
+    sys.stdout.write(result.text)
+    raise typer.Exit(EXIT_USAGE if result.failed else EXIT_ANOMALY if result.anomalous else 0)
 
 
 def read_paths(paths: list[str], null: bool) -> Iterator[str]:
