@@ -7,6 +7,10 @@ neighbours among the codes of the images kept so far, are rejected (weight 0) fr
 reconstruction and prior-matching losses, re-judged every epoch; so the model is never
 pulled to rebuild them well or to place them among the good codes, and the KDE is fitted
 without them.
+
+Under torchrun (`aadetect.distributed`), each process trains on its share of every batch through
+DistributedDataParallel wrappers, and the numbers that decide something (the robust rule's codes and
+errors, the validation loss) are gathered from all of them, so every process decides the same.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from aadetect import distributed
 from aadetect.config import Architecture, TrainConfig
 from aadetect.errors import UserError
 from aadetect.model import AdversarialAutoencoder, flat_codes, reconstruction_error, structural_dissimilarity, to_input
@@ -75,6 +80,16 @@ def encode_all(model: AdversarialAutoencoder, images: torch.Tensor, device: str,
     return torch.cat(codes), torch.cat(errors)
 
 
+def encode_shared(model: AdversarialAutoencoder, images: torch.Tensor, device: str, measure: str
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`encode_all`; under torchrun each process encodes its share of the images, and every one gets all
+    the codes and errors, in order."""
+    if not distributed.active() or len(images) < distributed.size():  # (a few images: each process all of them)
+        return encode_all(model, images, device, measure)
+    codes, errors = encode_all(model, images[distributed.share(len(images))], device, measure)
+    return distributed.gather_rows(codes, len(images)), distributed.gather_rows(errors, len(images))
+
+
 def neighbour_distance(codes: torch.Tensor, reference: torch.Tensor, k: int = NEIGHBOURS) -> torch.Tensor:
     """Distance from each code to its k-th nearest reference code (itself not counted), after whitening.
 
@@ -120,9 +135,15 @@ def find_outliers(model, images: torch.Tensor, device: str, measure: str, reject
     so they are judged on a log scale; otherwise the long natural tail of good images would be
     rejected too.
     """
-    codes, errors = encode_all(model, images, device, measure)
-    if model.arch.code_grid > 1:  # thousands of numbers cannot be whitened over a few hundred images:
-        local = codes.view(len(codes), -1, model.arch.latent_dim)  # judge what the image is made of
+    codes, errors = encode_shared(model, images, device, measure)  # of all the images, on every process
+    return judge_outliers(codes, errors, kept, reject_z, model.arch)
+
+
+def judge_outliers(codes: torch.Tensor, errors: torch.Tensor, kept: torch.Tensor, reject_z: float,
+                   arch: Architecture) -> torch.Tensor:
+    """`find_outliers`' rule on the images' codes (as `flat_codes` gives them) and reconstruction errors."""
+    if arch.code_grid > 1:  # thousands of numbers cannot be whitened over a few hundred images:
+        local = codes.view(len(codes), -1, arch.latent_dim)  # judge what the image is made of
         codes = torch.cat([local.mean(1), local.std(1)], dim=1)
     log_error = errors.double().clamp_min(1e-12).log()
     log_distance = neighbour_distance(codes, kept).clamp_min(1e-12).log()
@@ -139,8 +160,11 @@ def rebuilding_loss(reconstruction: torch.Tensor, images: torch.Tensor, arch: Ar
     return loss
 
 
-def weighted_mean(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    return (values * weights).sum() / weights.sum().clamp_min(1.0)
+def weighted_mean(values: torch.Tensor, weights: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
+    """The weighted mean, over a sum of weights `total`: the whole batch's (at least 1) divided by the number
+    of processes, each of which holds a share of the batch; DDP's average of their gradients is then the
+    whole batch's."""
+    return (values * weights).sum() / total
 
 
 def train_autoencoder(images: torch.Tensor, arch: Architecture, config: TrainConfig, device: str, *,
@@ -185,6 +209,11 @@ def train_autoencoder(images: torch.Tensor, arch: Architecture, config: TrainCon
         if resume_from.get("cuda_rng") is not None:  # prior samples are drawn on the device
             torch.cuda.set_rng_state(resume_from["cuda_rng"], device)
         state = {key: resume_from[key] for key in state}
+    # under torchrun, each process takes every world_size-th image of each batch, and the networks are called
+    # through wrappers that average their gradients over the processes; alone, the networks themselves
+    rank, world_size = distributed.rank(), distributed.size()
+    encoder, decoder, discriminator = (distributed.wrap(net, device)
+                                       for net in (model.encoder, model.decoder, model.discriminator))
 
     for epoch in range(state["epoch"], config.epochs):
         if epoch - state["best_epoch"] >= config.patience:  # early stop (checked here so a resume agrees)
@@ -194,14 +223,18 @@ def train_autoencoder(images: torch.Tensor, arch: Architecture, config: TrainCon
         steps = 0
         permutation = torch.randperm(len(train_images), generator=generator)
         for batch_positions in permutation.split(config.batch_size):
-            if len(batch_positions) < 2:  # batch norm needs two images
+            if len(batch_positions) < 2 * world_size:  # batch norm needs two images (in each process)
                 continue
-            batch = to_input(train_images[batch_positions], device)
-            batch_weights = weights[batch_positions].to(device)
+            positions = batch_positions[rank::world_size]  # this process's share
+            batch = to_input(train_images[positions], device)
+            batch_weights = weights[positions].to(device)
+            batch_total = weights[batch_positions].sum().clamp_min(1.0) / world_size  # see weighted_mean
 
             # Reconstruction phase: encoder and decoder learn to rebuild the image.
-            codes, reconstruction = model(batch)
-            reconstruction_loss = weighted_mean(rebuilding_loss(reconstruction, batch, arch), batch_weights)
+            codes = encoder(batch)
+            reconstruction = decoder(codes)
+            reconstruction_loss = weighted_mean(rebuilding_loss(reconstruction, batch, arch), batch_weights,
+                                                batch_total)
             reconstruction_optimizer.zero_grad(set_to_none=True)
             reconstruction_loss.backward()
             reconstruction_optimizer.step()
@@ -209,19 +242,21 @@ def train_autoencoder(images: torch.Tensor, arch: Architecture, config: TrainCon
 
             # Regularisation phase: the discriminator learns prior from codes, the encoder learns to fool it.
             if config.adversarial:
-                codes = model.encoder(batch)
-                prior_samples = torch.randn(codes.shape, device=device)
-                real, fake = model.discriminator(prior_samples), model.discriminator(codes.detach())
+                codes = encoder(batch)
+                # drawn for the whole batch, so every process's generator stays in step: a resume restores one
+                prior_samples = torch.randn((len(batch_positions), *codes.shape[1:]), device=device)[rank::world_size]
+                real, fake = discriminator(prior_samples), discriminator(codes.detach())
                 discriminator_loss = (F.binary_cross_entropy_with_logits(real, torch.ones_like(real))
                                       + F.binary_cross_entropy_with_logits(fake, torch.zeros_like(fake)))
                 discriminator_optimizer.zero_grad(set_to_none=True)
                 discriminator_loss.backward()
                 discriminator_optimizer.step()
 
-                fooled = model.discriminator(codes)
+                fooled = discriminator(codes)
+                per_image = len(fooled) // len(batch_weights)  # a grid's codes each
                 generator_loss = weighted_mean(
                     F.binary_cross_entropy_with_logits(fooled, torch.ones_like(fooled), reduction="none"),
-                    batch_weights.repeat_interleave(len(fooled) // len(batch_weights)))  # a grid's codes each
+                    batch_weights.repeat_interleave(per_image), batch_total * per_image)
                 generator_optimizer.zero_grad(set_to_none=True)
                 generator_loss.backward()
                 generator_optimizer.step()
@@ -231,7 +266,8 @@ def train_autoencoder(images: torch.Tensor, arch: Architecture, config: TrainCon
             if on_step is not None:
                 on_step({"epoch": epoch + 1, "images": len(batch_positions)})
 
-        _, validation_errors = encode_all(model, validation_images, device, loss_measure)
+        distributed.average_batch_norm(model)  # so that every process's model measures the same from here
+        _, validation_errors = encode_shared(model, validation_images, device, loss_measure)
         validation_loss = float(validation_errors.mean())
         if not math.isfinite(validation_loss):  # NaN weights: every later step, and the robust rule, would fail
             raise UserError(f"training diverged in epoch {epoch + 1} (the validation loss became "
@@ -239,7 +275,8 @@ def train_autoencoder(images: torch.Tensor, arch: Architecture, config: TrainCon
         if config.robust and epoch + 1 >= warmup:
             outliers = find_outliers(model, train_images, device, loss_measure, config.reject_z, kept=weights > 0)
             weights = (~outliers).float()
-        record = {name: total.item() / max(steps, 1) for name, total in totals.items()}  # one sync per epoch
+        losses = distributed.average(torch.stack(list(totals.values()))).tolist()  # one sync per epoch
+        record = {name: total / max(steps, 1) for name, total in zip(totals, losses)}
         record.update(epoch=epoch + 1, validation=validation_loss, rejected=int((weights == 0).sum()))
         state["history"].append(record)
         if validation_loss < state["best_loss"]:
@@ -256,6 +293,7 @@ def train_autoencoder(images: torch.Tensor, arch: Architecture, config: TrainCon
 
     if state["best_model"] is not None:
         model.load_state_dict(state["best_model"])
+    distributed.check_same_weights(model)
     model.eval()
     outliers = weights == 0
     if config.robust:
