@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from aadetect import __version__, store
+from aadetect import __version__, distributed, store
 from aadetect.atomic import check_writable
 from aadetect.calibration import choose_thresholds, default_thresholds
 from aadetect.card import Calibration, DataInfo, DensityInfo, ModelCard, TrainingInfo
@@ -41,9 +41,10 @@ def now() -> str:
 # ---------------------------------------------------------------------------------------------- train
 
 def train(data: str | Path, out: str | Path = "aadetect-model", config: TrainConfig | None = None, *,
-          resume: bool = False, reporter: Reporter | None = None) -> ModelCard:
+          resume: bool = False, reporter: Reporter | None = None) -> ModelCard | None:
     """Train the autoencoder on a folder of good images, fit the KDE over their codes, set default
-    thresholds on the held-out ones, and write the model folder `out` atomically; returns its card.
+    thresholds on the held-out ones, and write the model folder `out` atomically; returns its card
+    (under torchrun, on rank 0; the other processes return None).
 
     >>> from aadetect import TrainConfig, train
     >>> card = train("good", "model", TrainConfig(epochs=2, image_size=16, device="cpu"))
@@ -51,6 +52,8 @@ def train(data: str | Path, out: str | Path = "aadetect-model", config: TrainCon
     (120, False)
     """
     config = config or TrainConfig()
+    if distributed.launched():  # one of several processes started by torchrun
+        return _train_together(Path(data), store.resolved(out), config, resume, reporter or Reporter())
     device = resolve_device(config.device)
     data, model_dir = Path(data), store.resolved(out)
     store.check_output_dir(model_dir, data)  # before anything is written, even the lock
@@ -59,8 +62,26 @@ def train(data: str | Path, out: str | Path = "aadetect-model", config: TrainCon
         return _train_into(model_dir, data, config, device, resume, reporter or Reporter())
 
 
+def _train_together(data: Path, model_dir: Path, config: TrainConfig, resume: bool,
+                    reporter: Reporter) -> ModelCard | None:
+    """`train` under torchrun: every process trains on its share of each batch; rank 0 alone takes the lock,
+    reports progress, writes checkpoints, fits the density and writes the folder, which the others wait for
+    before they return None. (A process that fails ends; torchrun then stops the others.)"""
+    with distributed.process_group(config.device) as device:
+        if not distributed.is_main():
+            _train_into(model_dir, data, config, device, resume, Reporter())
+            distributed.barrier()
+            return None
+        store.check_output_dir(model_dir, data)
+        with store.writing(model_dir):
+            store.check_output_dir(model_dir, data)
+            card = _train_into(model_dir, data, config, device, resume, reporter)
+        distributed.barrier()
+        return card
+
+
 def _train_into(model_dir: Path, data: Path, config: TrainConfig, device: str, resume: bool,
-                reporter: Reporter) -> ModelCard:
+                reporter: Reporter) -> ModelCard | None:
     started = time.perf_counter()
     pixels, refs, skipped = read_training_images(data, config, reporter)
     data_sha256 = fingerprint(refs, data)
@@ -68,7 +89,9 @@ def _train_into(model_dir: Path, data: Path, config: TrainConfig, device: str, r
     # what the networks depend on: the code radius and the shift radius only shape the density after training
     training_settings = {k: v for k, v in dataclasses.asdict(config).items()
                          if k not in ("code_radius", "shift_radius")}
-    identity = {"settings": training_settings, "data_sha256": data_sha256, "device": device}
+    world_size = distributed.size()
+    identity = {"settings": training_settings, "data_sha256": data_sha256, "world_size": world_size,
+                "device": device.split(":")[0] if world_size > 1 else device}  # (each process has its own GPU)
     resume_from = _read_checkpoint(checkpoint_file, identity) if resume else None
 
     def save_checkpoint(state: dict) -> None:
@@ -83,8 +106,11 @@ def _train_into(model_dir: Path, data: Path, config: TrainConfig, device: str, r
                                    + (f" rejected {record['rejected']}" if config.robust else ""))
 
         fitted = fit_detector(pixels, config, device=device, on_step=lambda step: advance(step["images"]),
-                              on_epoch=on_epoch, save_checkpoint=save_checkpoint, resume_from=resume_from,
-                              data_label=str(data), discard_checkpoint=lambda: checkpoint_file.unlink(missing_ok=True))
+                              on_epoch=on_epoch, save_checkpoint=save_checkpoint if distributed.is_main() else None,
+                              resume_from=resume_from, data_label=str(data),
+                              discard_checkpoint=lambda: checkpoint_file.unlink(missing_ok=True))
+    if fitted is None:  # another process's share of the training under torchrun: rank 0 writes the model
+        return None
     result, detector = fitted.training, fitted.detector
     if len(fitted.validation) < FEW_HELD_OUT:
         reporter.warn(f"the default thresholds rest on only {len(fitted.validation)} held-out images; "
@@ -95,7 +121,7 @@ def _train_into(model_dir: Path, data: Path, config: TrainConfig, device: str, r
         data=DataInfo(path=str(data.resolve()), image_count=len(refs), sha256=data_sha256, skipped=skipped,
                       validation_count=len(result.validation_indices), rejected_count=len(result.rejected)),
         architecture=detector.model.arch,
-        training=TrainingInfo(settings=config, device=device, epochs_run=result.epochs_run,
+        training=TrainingInfo(settings=config, device=device, world_size=world_size, epochs_run=result.epochs_run,
                               best_epoch=result.best_epoch, seconds=round(time.perf_counter() - started, 2),
                               final_losses={k: float(v) for k, v in result.final_losses.items()},
                               torch_version=str(torch.__version__)),
@@ -172,9 +198,10 @@ class FittedDetector:
 
 def fit_detector(pixels, config: TrainConfig, *, device: str | None = None, on_step=None, on_epoch=None,
                  save_checkpoint=None, resume_from: dict | None = None, data_label: str = "the images",
-                 discard_checkpoint=None) -> FittedDetector:
+                 discard_checkpoint=None) -> FittedDetector | None:
     """Train the networks on uint8 images (N, C, S, S), fit the KDE over the kept images' codes and set the
-    default thresholds on the held-out ones.
+    default thresholds on the held-out ones. Under torchrun, the processes other than rank 0 return None
+    after training.
 
     The folder-free core of `train`: for images already in memory (a tensor, or `ImagesOnDisk`), and
     for the benchmark's studies, which must train exactly as `train` does. `device` defaults to
@@ -203,6 +230,8 @@ def fit_detector(pixels, config: TrainConfig, *, device: str | None = None, on_s
     with exact_math(device), flush_denormals():
         result = train_autoencoder(pixels, arch, config, device, on_step=on_step, on_epoch=on_epoch,
                                    save_checkpoint=save_checkpoint, resume_from=resume_from)
+    if not distributed.is_main():
+        return None
     # in the memory layout `load_model` gives it: trained channels_last, it computes other last bits, and the
     # default thresholds would rest on numbers that `score` does not give for the same images
     model = result.model.to(memory_format=torch.contiguous_format)
