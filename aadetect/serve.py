@@ -1,9 +1,10 @@
 """`aadetect serve`: a web page to try images on, and a JSON API giving the numbers `aadetect score` gives.
 
 Uploads are written to a temporary folder, removed after the request, and scored by the same path as files
-on disk (`Detector.score_images`), so an image gets bit-identical numbers here and from the CLI. One request
-is scored at a time: scoring already spreads a request's images over every core, and it sets torch's thread
-count for the whole process while it runs, so requests wait their turn on a lock instead.
+on disk (`Detector.score_images`), so an image gets bit-identical numbers here and from the CLI. One thread
+scores for every request (`ScoringQueue`): scoring spreads its images over every core and sets torch's
+thread count for the whole process while it runs, so two scorers must never run at once; and the requests
+waiting meanwhile are scored together, as one batch, which is what keeps the cores busy under load.
 """
 
 from __future__ import annotations
@@ -12,9 +13,11 @@ import base64
 import json
 import logging
 import os
+import queue
 import tempfile
 import threading
 import traceback
+from concurrent.futures import Future
 from importlib import resources
 from pathlib import Path, PurePath
 
@@ -29,6 +32,7 @@ from aadetect.heatmaps import heatmap_png
 from aadetect.images import IMAGE_SUFFIXES, ImageRef, original_image
 from aadetect.scoring import Detector
 
+MOST_IMAGES_AT_ONCE = 64  # images the scoring thread takes from waiting requests in one round
 MESSAGE_LIMIT = 400  # characters of an error message, as on the command line
 UPLOAD_CHUNK = 1 << 20  # bytes copied from an upload to its temporary file at a time
 # the page's own files only: no script, style or image from anywhere else, nor from a data: URI but images
@@ -62,7 +66,7 @@ def create_app(model_dir: str | Path, *, device: str = "cpu", max_upload_bytes: 
     stored = store.read_model(Path(model_dir), device)
     detector, card = Detector.of(stored, device), stored.card
     summary = {"model": str(Path(model_dir).resolve()), **card.summary()}
-    scoring = threading.Lock()
+    scoring = ScoringQueue(detector)
     app = FastAPI(title="aadetect", version=card.aadetect_version, docs_url=None, redoc_url=None,
                   openapi_url=None)
     page = {route: (resources.files("aadetect").joinpath("web", name).read_bytes(), media_type)
@@ -109,8 +113,7 @@ def create_app(model_dir: str | Path, *, device: str = "cpu", max_upload_bytes: 
         `heatmap_png`, base64, with ?heatmap=true). Any upload that is not a scorable image fails the request."""
         with tempfile.TemporaryDirectory(prefix="aadetect-serve-") as folder:
             refs = [saved_upload(upload, Path(folder) / str(index)) for index, upload in enumerate(file)]
-            with scoring:
-                results = list(detector.score_images(refs, maps=heatmap))
+            results = scoring.score(refs, maps=heatmap)
             rows = []
             for ref, numbers, error in results:
                 if error is not None:
@@ -126,6 +129,40 @@ def create_app(model_dir: str | Path, *, device: str = "cpu", max_upload_bytes: 
                         headers=SECURITY_HEADERS)
 
     return UploadLimit(app, max_upload_bytes)
+
+
+class ScoringQueue:
+    """The one thread that scores. Each round it takes every request waiting (up to MOST_IMAGES_AT_ONCE
+    images) and scores their images in one `score_images` call: an image's numbers do not depend on its
+    batch, and scoring pads every batch to a fixed size, so one image alone would leave most of it empty."""
+
+    def __init__(self, detector: Detector):
+        self.detector = detector
+        self.waiting: queue.SimpleQueue = queue.SimpleQueue()  # (refs, maps, future)
+        threading.Thread(target=self._serve_forever, name="aadetect-scoring", daemon=True).start()
+
+    def score(self, refs: list[ImageRef], *, maps: bool) -> list[tuple]:
+        """(ref, numbers, error) for each ref, as `Detector.score_images` yields them; waits its turn."""
+        future: Future = Future()
+        self.waiting.put((refs, maps, future))
+        return future.result()
+
+    def _serve_forever(self) -> None:
+        while True:
+            jobs = [self.waiting.get()]
+            while sum(len(refs) for refs, _, _ in jobs) < MOST_IMAGES_AT_ONCE and not self.waiting.empty():
+                jobs.append(self.waiting.get())
+            try:
+                results = list(self.detector.score_images([ref for refs, _, _ in jobs for ref in refs],
+                                                          maps=any(maps for _, maps, _ in jobs)))
+            except BaseException as exc:  # a bug: each request answers 500, and the thread goes on
+                for _, _, future in jobs:
+                    future.set_exception(exc)
+                continue
+            start = 0
+            for refs, _, future in jobs:  # with maps where any request of the round asked for them
+                future.set_result(results[start:start + len(refs)])
+                start += len(refs)
 
 
 def saved_upload(upload: UploadFile, stem: Path) -> ImageRef:
