@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 __all__ = ["COLOUR_TABLE", "MAP_RANGE", "HeatmapFolder", "colour_indices", "heatmap_png", "in_original", "overlay",
-           "resized_map", "write_heatmap"]
+           "peak_position", "resized_map", "write_heatmap"]
 
 MAP_RANGE = (-3.0, 3.0)  # threshold units from the first to the last colour of the table
 TABLE_SIZE = 256
@@ -77,6 +77,31 @@ def in_original(position: tuple[int, int], model_size: int, width: int, height: 
         return int(min(original - 1, max(0, math.floor((index + 0.5) * original / model_size))))
 
     return back(position[0], width), back(position[1], height)
+
+
+def peak_position(anomaly_map: np.ndarray, reconstruction_part: np.ndarray) -> tuple[int, int]:
+    """(column, row) of the map's highest point, found on the map a little blurred (a defect's error is
+    highest along its edges, where the two images differ most in structure: the blur brings the peak in
+    to the defect itself). Among equal values, the worst-rebuilt pixel, then the first in row order."""
+    smooth = blurred(anomaly_map).ravel()
+    highest = np.flatnonzero(smooth == smooth.max())
+    if len(highest) > 1:  # a density drawn flat over the image: where it is rebuilt worst
+        worst = blurred(reconstruction_part).ravel()[highest]
+        highest = highest[worst == worst.max()]
+    row, column = np.unravel_index(int(highest[0]), anomaly_map.shape)
+    return int(column), int(row)
+
+
+def blurred(values: np.ndarray) -> np.ndarray:
+    """Values (..., H, W) smoothed by a 5-tap binomial filter (about a Gaussian of 1 pixel), edges repeated."""
+    taps = BINOMIAL.astype(values.dtype)
+    for axis in (values.ndim - 2, values.ndim - 1):
+        pad = [(2, 2) if k == axis else (0, 0) for k in range(values.ndim)]
+        values = np.lib.stride_tricks.sliding_window_view(np.pad(values, pad, mode="edge"), 5, axis=axis) @ taps
+    return values
+
+
+BINOMIAL = np.array([1, 4, 6, 4, 1]) / 16
 
 
 def heatmap_png(image, anomaly_map: np.ndarray) -> bytes:

@@ -3,6 +3,9 @@
 Pillow (torchvision's own image backend) decodes every format the tool accepts,
 including BMP and TIFF, which torchvision.io cannot read; it also applies EXIF
 rotation and guards against decompression bombs.
+
+torch is imported only where images become tensors (`iterate_batches`, `load_images`, `ImagesOnDisk`), so
+that finding and decoding images works without it (`aadetect.onnx_engine`).
 """
 
 from __future__ import annotations
@@ -12,16 +15,17 @@ import stat
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import TYPE_CHECKING, Iterable, Iterator
 
 import numpy as np
-import torch
 from numpy.lib import format as npy
 from PIL import Image, ImageOps, UnidentifiedImageError
-from torch.utils.data import DataLoader
 
 from aadetect.config import LOCAL_IMAGE_SIZE
 from aadetect.errors import UserError, first_line
+
+if TYPE_CHECKING:
+    import torch
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 ARRAY_SUFFIXES = (".npy", ".npz")
@@ -400,6 +404,8 @@ class DecodedImages:
 
 
 def _collate(items: list[tuple[int, tuple[np.ndarray, tuple[int, int]] | None, str | None]]) -> Batch:
+    import torch
+
     good = [(i, decoded) for i, decoded, _ in items if decoded is not None]
     pixels = torch.from_numpy(np.stack([decoded[0] for _, decoded in good])) if good else None
     return Batch([i for i, _ in good], pixels, [(i, e) for i, _, e in items if e is not None],
@@ -413,6 +419,8 @@ def iterate_batches(refs: list[ImageRef], size: int, channels: int, batch_size: 
     With nothing else running (decoding the training set), two workers; callers whose own work
     needs the cores too pass `workers` (see `scoring.decoding_workers`).
     """
+    from torch.utils.data import DataLoader
+
     if workers is None:
         workers = 0 if len(refs) < 4 * batch_size else min(2, os.cpu_count() or 1)
     yield from DataLoader(DecodedImages(refs, size, channels), batch_size=batch_size, shuffle=False,
@@ -425,6 +433,8 @@ def load_images(refs: list[ImageRef], size: int, channels: int, *, strict: bool 
 
     With keep=False the pixels are checked and dropped (for data read from disk later).
     """
+    import torch
+
     parts, kept, errors = [], [], []
     for batch in iterate_batches(refs, size, channels, batch_size=256):
         if strict and batch.errors:
@@ -460,6 +470,8 @@ class ImagesOnDisk:
         return self
 
     def materialize(self) -> torch.Tensor:
+        import torch
+
         return torch.from_numpy(np.stack([decode(ref, self.size, self.channels) for ref in self.refs]))
 
 

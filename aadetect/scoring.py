@@ -25,7 +25,7 @@ from aadetect.devices import exact_math, resolve_device
 from aadetect.errors import UserError
 from aadetect.images import ImageRef, ImagesOnDisk, iterate_batches, materialize
 from aadetect.density import GridDensity, pooled
-from aadetect.heatmaps import in_original
+from aadetect.heatmaps import blurred, in_original, peak_position
 from aadetect.model import flat_codes, pixel_error, pooled_error, shifted_views, to_input
 from aadetect.parallel import piece_pool
 
@@ -150,31 +150,6 @@ def around(values: np.ndarray) -> np.ndarray:
 
 
 FAR_BELOW = -1e6  # threshold units for a pixel rebuilt exactly (log 0): below everything, and finite
-
-
-def peak_position(anomaly_map: np.ndarray, reconstruction_part: np.ndarray) -> tuple[int, int]:
-    """(column, row) of the map's highest point, found on the map a little blurred (a defect's error is
-    highest along its edges, where the two images differ most in structure: the blur brings the peak in
-    to the defect itself). Among equal values, the worst-rebuilt pixel, then the first in row order."""
-    smooth = blurred(anomaly_map).ravel()
-    highest = np.flatnonzero(smooth == smooth.max())
-    if len(highest) > 1:  # a density drawn flat over the image: where it is rebuilt worst
-        worst = blurred(reconstruction_part).ravel()[highest]
-        highest = highest[worst == worst.max()]
-    row, column = np.unravel_index(int(highest[0]), anomaly_map.shape)
-    return int(column), int(row)
-
-
-def blurred(values: np.ndarray) -> np.ndarray:
-    """Values (..., H, W) smoothed by a 5-tap binomial filter (about a Gaussian of 1 pixel), edges repeated."""
-    taps = BINOMIAL.astype(values.dtype)
-    for axis in (values.ndim - 2, values.ndim - 1):
-        pad = [(2, 2) if k == axis else (0, 0) for k in range(values.ndim)]
-        values = np.lib.stride_tricks.sliding_window_view(np.pad(values, pad, mode="edge"), 5, axis=axis) @ taps
-    return values
-
-
-BINOMIAL = np.array([1, 4, 6, 4, 1]) / 16
 
 
 class Detector:
