@@ -22,19 +22,20 @@ import stat
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import TYPE_CHECKING, BinaryIO, Iterator
 
 import numpy as np
-import torch
 from numpy.lib import format as npy
 
 from aadetect.atomic import (check_writable, remove_abandoned, remove_abandoned_temp_files, staged_directory,
                              write_bytes_atomic, write_text_atomic)
-from aadetect.card import ANOMALIES_PREFIX, ModelCard
-from aadetect.density import GridDensity, KernelDensity
+from aadetect.card import ANOMALIES_PREFIX, EXPORT_FORMATS, Export, ModelCard
 from aadetect.errors import UserError, first_line
-from aadetect.lookalikes import AnomalyKind
-from aadetect.model import AdversarialAutoencoder
+
+if TYPE_CHECKING:  # imported where used: reading a card and an export needs no torch (aadetect.onnx_engine)
+    from aadetect.density import GridDensity, KernelDensity
+    from aadetect.lookalikes import AnomalyKind
+    from aadetect.model import AdversarialAutoencoder
 
 CARD_FILE = "card.yaml"
 WEIGHTS_FILE = "weights.pt"
@@ -45,7 +46,9 @@ REJECTED_FILE = "rejected.txt"
 DENSITY_IMAGES_FILE = "density_images.txt"  # the training images behind the density's codes, in order
 LOOKALIKES_FILE = "lookalikes.txt"
 CHECKED_FILES = (WEIGHTS_FILE, DENSITY_FILE, HELD_OUT_FILE)  # plus the anomalies file, where there is one
-NAMED_FILES = (CARD_FILE, *CHECKED_FILES, VALIDATION_FILE, REJECTED_FILE, DENSITY_IMAGES_FILE, LOOKALIKES_FILE)
+EXPORT_FILES = tuple(EXPORT_FORMATS.values())  # `aadetect export`; its checksum is in the card's export record
+NAMED_FILES = (CARD_FILE, *CHECKED_FILES, VALIDATION_FILE, REJECTED_FILE, DENSITY_IMAGES_FILE, LOOKALIKES_FILE,
+               *EXPORT_FILES)
 
 CARD_LIMIT = 1 << 20  # a card is kilobytes; a long list of skipped files may make it more
 NAMES_LIMIT = 256 << 20  # a line per training image
@@ -168,6 +171,10 @@ def _declared_shape(archive, name: str) -> tuple | None:
 
 def load_model(model_dir: Path, card: ModelCard, device: str):
     """Rebuild the networks from the card, then load the weights without unpickling code."""
+    import torch
+
+    from aadetect.model import AdversarialAutoencoder
+
     path = model_dir / WEIGHTS_FILE
     content = checked_bytes(model_dir, WEIGHTS_FILE, card)
     try:
@@ -193,6 +200,8 @@ def load_model(model_dir: Path, card: ModelCard, device: str):
 
 def load_density(model_dir: Path, card: ModelCard) -> KernelDensity | GridDensity:
     """The density as trained (every training code it was fitted on): one KDE, or one per grid position."""
+    from aadetect.density import GridDensity, KernelDensity
+
     path = model_dir / DENSITY_FILE
     n, d, grid = card.density.n_codes, card.architecture.latent_dim, card.architecture.code_grid
     kind, shapes = (KernelDensity, {"codes": (n, d), "covariance": (d, d)}) if grid == 1 else (
@@ -212,6 +221,8 @@ def load_density(model_dir: Path, card: ModelCard) -> KernelDensity | GridDensit
 def load_anomaly_kind(model_dir: Path, card: ModelCard, trained: KernelDensity) -> AnomalyKind | None:
     """What the card's calibration learnt from its anomalous samples (`trained`: the density as trained),
     or None for a model calibrated without them."""
+    from aadetect.lookalikes import AnomalyKind
+
     if card.calibration is None or (not card.calibration.lookalike_codes and card.calibration.anomalies_file is None):
         return None
     centres = None
@@ -383,6 +394,8 @@ def save_trained(model_dir: Path, card: ModelCard, model, density, *, validation
 
 
 def _serialised(state) -> bytes:
+    import torch
+
     buffer = io.BytesIO()
     torch.save(state, buffer)
     return buffer.getvalue()
@@ -437,3 +450,45 @@ def resolved(model_dir: str | os.PathLike) -> Path:
     """The folder a model is written to: "." or "x/.." has no name to stage beside, and a link to a model
     folder must keep pointing at the new model."""
     return Path(os.path.realpath(model_dir))
+
+
+# ------------------------------------------------------------------------------------------- exports
+
+def card_digest(card: ModelCard) -> str:
+    """The digest an export records of the card it reflects: the card without its export record, so that
+    any later change to it (a calibration, a hand edit) makes the export stale."""
+    return hashlib.sha256(dataclasses.replace(card, export=None).to_yaml().encode("utf-8")).hexdigest()
+
+
+def save_export(model_dir: Path, card: ModelCard, export: Export, content: bytes) -> ModelCard:
+    """Write an export of the model whose card is `card` (call it `writing` the folder): the graph first, then
+    the card that names it, each atomically. Returns the card as written."""
+    if export.sha256 != hashlib.sha256(content).hexdigest() or export.card_sha256 != card_digest(card):
+        raise ValueError("the export record does not describe this graph and card")
+    write_bytes_atomic(model_dir / export.file, content)
+    card = dataclasses.replace(card, export=export)
+    write_text_atomic(model_dir / CARD_FILE, card.to_yaml())
+    return card
+
+
+def read_export(model_dir: Path, format: str) -> tuple[ModelCard, bytes]:
+    """The card and the exported graph of one generation of the folder, checked: the card must record an
+    export in `format`, made from the card as it is now, and the file must match its checksum. A reader
+    that meets an export being written (the old card, the new file) reads again."""
+    command = f"run `aadetect export --model {model_dir} --format {format}`"
+    for attempt in range(READ_ATTEMPTS):
+        card = read_card(model_dir)
+        export = card.export
+        if export is None or export.format != format:
+            raise UserError(f"{model_dir}: the model has no {format} export; {command}")
+        if export.card_sha256 != card_digest(card):
+            raise UserError(f"{model_dir / export.file}: stale (the model card changed after it was exported, "
+                            f"e.g. by calibrate); {command} again")
+        path = model_dir / export.file
+        content = read_model_file(path, FILE_LIMIT, "an exported model", missing=f"missing; {command}")
+        if hashlib.sha256(content).hexdigest() == export.sha256:
+            return card, content
+        if attempt + 1 == READ_ATTEMPTS or _card_text(model_dir) == card.to_yaml():
+            raise UserError(f"{path}: does not match the card's checksum (damaged, or from another model); "
+                            f"{command}")
+    raise AssertionError("unreachable")
