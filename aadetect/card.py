@@ -126,6 +126,25 @@ class Calibration:
     anomalies_file: str | None  # the anomalous samples' kernel centres (aadetect.lookalikes.AnomalyKind)
 
 
+@dataclass(frozen=True)
+class Export:
+    """The scoring path exported as one graph (`aadetect export`): from decoded pixels to every number of
+    `score`. It reflects one card: `card_sha256` is the digest of the card without this record
+    (`aadetect.store.card_digest`), so a later calibration makes the export stale."""
+
+    format: str  # "onnx"
+    file: str  # in the model folder
+    sha256: str
+    opset: int
+    card_sha256: str
+    exporter: str  # e.g. "torch 2.14.1"
+    input: str  # what the graph takes: decoding and resizing stay outside it
+    outputs: list[str]
+
+
+EXPORT_FORMATS = {"onnx": "model.onnx"}  # format -> the file it is written to
+
+
 INTENDED_USE = ("Flag images unlike the good images this model was trained on. Anomaly scores are only meaningful "
                 "for images from the same source and imaging set-up; calibrate the thresholds on labelled samples "
                 "before relying on the decisions.")
@@ -144,6 +163,7 @@ class ModelCard:
     calibration: Calibration | None
     files: dict[str, str]  # file name -> sha256, checked on load
     intended_use: str = field(default=INTENDED_USE)
+    export: Export | None = None  # until `aadetect export` runs
 
     @property
     def settings(self) -> TrainConfig:
@@ -237,6 +257,17 @@ class ModelCard:
                             f"{self.density.n_codes - 1}")
         if len(lookalikes) >= self.density.n_codes - arch.latent_dim:
             raise UserError(f"{source}: calibration.lookalike_codes leaves too few codes for the density")
+        export = self.export
+        if export is not None:
+            if EXPORT_FORMATS.get(export.format) != export.file:
+                raise UserError(f"{source}: export.file must be {' or '.join(EXPORT_FORMATS.values())} for its "
+                                f"format, got {export.format!r:.20} and {export.file!r:.60}")
+            for name in ("sha256", "card_sha256"):
+                value = getattr(export, name)
+                if len(value) != 64 or any(c not in "0123456789abcdef" for c in value):
+                    raise UserError(f"{source}: export.{name} must be a sha256 in 64 hex digits")
+            if export.opset < 1:
+                raise UserError(f"{source}: export.opset must be positive, got {export.opset}")
 
 
 class _CardLoader(yaml.SafeLoader):

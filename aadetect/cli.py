@@ -54,6 +54,11 @@ class ReportFormat(str, Enum):
     json = "json"
 
 
+class Engine(str, Enum):
+    torch = "torch"
+    onnx = "onnx"
+
+
 ErrorMeasure = Enum("ErrorMeasure", {measure: measure for measure in ERROR_MEASURES}, type=str)
 CodeRadius = Enum("CodeRadius", {radius: radius for radius in CODE_RADII}, type=str)
 Objective = Enum("Objective", {objective: objective for objective in OBJECTIVES}, type=str)
@@ -303,6 +308,9 @@ def score(
     shards: Annotated[Optional[int], typer.Option(help="With --shard auto: how many shards there are, where "
                                                        "the scheduler gives only the index.")] = None,
     device: DeviceOption = "auto",
+    engine: Annotated[Engine, typer.Option(help="torch; or onnx: the model's export (`aadetect export`) on ONNX "
+                                                "Runtime, without torch (CPU only; needs the extra 'onnx').")
+                      ] = Engine.torch,
     quiet: QuietOption = False,
 ) -> None:
     """Score images. Each row says where the anomaly map peaks (peak_x, peak_y, in the image's own pixels).
@@ -310,11 +318,19 @@ def score(
     130 interrupted, 141 the reader of the output left early (e.g. `| head`), 3 a bug in aadetect."""
     from aadetect.heatmaps import HeatmapFolder
     from aadetect.images import Unreadable, expand
-    from aadetect.scoring import Detector
     from aadetect.shards import chosen_shard
 
     selected = chosen_shard(shard, shards, os.environ, lambda message: say(f"aadetect: note: {message}"))
-    detector = Detector.load(model, device)
+    if engine == Engine.onnx:  # imports no torch
+        from aadetect.onnx_engine import OnnxDetector
+
+        if device.strip().lower() not in ("auto", "cpu"):
+            raise UserError(f"--engine onnx runs on the CPU; --device {device} needs --engine torch")
+        detector = OnnxDetector.load(model)
+    else:
+        from aadetect.scoring import Detector
+
+        detector = Detector.load(model, device)
     drawn = None
     if heatmaps is not None:
         heatmaps.mkdir(parents=True, exist_ok=True)
@@ -452,6 +468,34 @@ def serve(
 
     serve_model(model, host=host, port=port, device=resolve_device(device), max_upload_mb=max_upload_mb,
                 quiet=quiet, on_listening=listening)
+
+
+class ExportFormat(str, Enum):
+    onnx = "onnx"
+
+
+@app.command(epilog=examples(
+    "aadetect export --format onnx                  # writes aadetect-model/model.onnx",
+    "aadetect export --model parts-model --format onnx && aadetect score --model parts-model --engine onnx img.png"))
+@user_errors
+def export(
+    format: Annotated[ExportFormat, typer.Option("--format", "-f", help="What to export to: onnx, one graph "
+                                                                         "from uint8 pixels to every number of "
+                                                                         "`score` and the anomaly map.")],
+    model: ModelOption = Path(DEFAULT_MODEL),
+    quiet: QuietOption = False,
+) -> None:
+    """Export the model's whole scoring path, as calibrated now, into its folder (model.onnx), for `score
+    --engine onnx` or any ONNX runtime; decoding and resizing stay outside (the card describes them). A later
+    `calibrate` makes the export stale: export again. Needs the optional extra 'onnx'."""
+    from aadetect.extras import require
+
+    require("onnx")
+    from aadetect.export import export_model
+
+    card = export_model(model, format.value)
+    reporter_for(quiet).info(f"exported to {model / card.export.file} (opset {card.export.opset}, "
+                             f"outputs: {', '.join(card.export.outputs)})")
 
 
 @app.command(epilog=examples(
