@@ -43,6 +43,7 @@ class DataInfo:
 class TrainingInfo:
     settings: TrainConfig  # verbatim: the error measure, code radius and shift radius are read from here
     device: str
+    world_size: int  # processes that trained it together (torchrun); 1 for one process
     epochs_run: int
     best_epoch: int
     seconds: float

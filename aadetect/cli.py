@@ -228,6 +228,8 @@ def train(
 
     reporter = reporter_for(quiet)
     card = pipeline.train(data, out, config, reporter=reporter, resume=resume)
+    if card is None:  # a process other than rank 0 under torchrun: rank 0 wrote the model, and reports
+        return
     reporter.info(f"model written to {out} ({card.data.image_count} images, "
                   f"{card.training.epochs_run} epochs, {card.training.seconds:.0f} s, "
                   f"{card.data.rejected_count} rejected as likely outliers)")
