@@ -17,6 +17,7 @@ import hashlib
 import inspect
 import os
 from contextlib import contextmanager
+from datetime import timedelta
 from typing import Iterator
 
 import torch
@@ -27,6 +28,11 @@ from aadetect.devices import resolve_device
 from aadetect.errors import UserError
 
 LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+# how long the other processes wait for rank 0 to fit the density and write the model (the process group's
+# own timeout, 10 minutes with NCCL, is for collectives that should take seconds); a rank 0 that fails
+# ends the run sooner: torchrun then stops them
+WRITER_TIMEOUT = timedelta(hours=24)
+_patient_group = None  # a gloo group with that timeout, for `barrier`
 
 
 def launched() -> bool:
@@ -71,15 +77,19 @@ def process_group(device: str) -> Iterator[str]:
         name = f"cuda:{local_rank}"
         torch.cuda.set_device(local_rank)
     dist.init_process_group("nccl" if name.startswith("cuda") else "gloo")
+    global _patient_group
+    _patient_group = dist.new_group(backend="gloo", timeout=WRITER_TIMEOUT)
     try:
         yield name
     finally:
         dist.destroy_process_group()
+        _patient_group = None
 
 
 def barrier() -> None:
+    """Wait until every process gets here, however long rank 0 takes to write the model."""
     if active():
-        dist.barrier()
+        dist.barrier(group=_patient_group)
 
 
 def wrap(module: nn.Module, device: str) -> nn.Module:
