@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -30,13 +31,20 @@ if str(REPO) not in sys.path:
 from benchmarks import datasets as D  # noqa: E402
 
 
-def run(command: list[str], env: dict[str, str]) -> tuple[subprocess.CompletedProcess, float]:
-    started = time.perf_counter()
+def cpu_seconds() -> float:
+    """User and system time of the finished child processes (torchrun's workers included: it waits for them)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def run(command: list[str], env: dict[str, str]) -> tuple[subprocess.CompletedProcess, float, float]:
+    """The finished command, its wall time and its CPU time."""
+    started, cpu = time.perf_counter(), cpu_seconds()
     result = subprocess.run(command, env=env, capture_output=True, text=True)
-    seconds = time.perf_counter() - started
+    seconds, cpu = time.perf_counter() - started, cpu_seconds() - cpu
     if result.returncode != 0:
         sys.exit(f"{' '.join(command)} failed ({result.returncode}):\n{result.stderr[-3000:]}")
-    return result, seconds
+    return result, seconds, cpu
 
 
 def main(argv=None) -> int:
@@ -74,26 +82,31 @@ def main(argv=None) -> int:
         model = workdir / "models" / f"{split.name}-p{processes}"
         command = [*launcher, "train", str(train_dir), "--out", str(model), "--seed", str(args.seed),
                    "--device", "cpu", "--quiet", *args.train_args.split()]
-        _, train_seconds = run(command, env)
-        evaluated, _ = run([*aadetect, "evaluate", "--model", str(model), "--good", str(split / "test" / "good"),
+        load_before = os.getloadavg()[0]  # the machine may be shared: say how busy it was
+        _, train_seconds, train_cpu = run(command, env)
+        load_after = os.getloadavg()[0]
+        evaluated, _, _ = run([*aadetect, "evaluate", "--model", str(model), "--good", str(split / "test" / "good"),
                             "--anomalous", str(split / "test" / "anomalous"), "--format", "json", "--quiet",
                             "--device", "cpu"], {**os.environ})
         report = json.loads(evaluated.stdout)
         card = yaml.safe_load((model / "card.yaml").read_text())
         rows.append({"processes": processes, "command": " ".join(command), "wall_seconds": round(train_seconds, 1),
+                     "cpu_seconds": round(train_cpu, 1),
                      "training_seconds": card["training"]["seconds"], "world_size": card["training"]["world_size"],
                      "epochs_run": card["training"]["epochs_run"], "rejected": card["data"]["rejected_count"],
-                     "images": card["data"]["image_count"], "auroc": report["auroc"]})
+                     "images": card["data"]["image_count"], "auroc": report["auroc"],
+                     "load_1min": [round(load_before, 2), round(load_after, 2)]})
         print(f"{processes} process(es): {rows[-1]}", file=sys.stderr)
 
-    print("| processes | images | epochs | rejected | wall s (`train`) | in-process s | AUROC combined | "
-          "reconstruction | density |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| processes | images | epochs | rejected | wall s (`train`) | in-process s | CPU s | AUROC combined | "
+          "reconstruction | density | load before / after |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     for row in rows:
         auroc = row["auroc"]
         print(f"| {row['processes']} | {row['images']:,} | {row['epochs_run']} | {row['rejected']} | "
-              f"{row['wall_seconds']:.1f} | {row['training_seconds']:.1f} | {auroc['combined']:.4f} | "
-              f"{auroc['reconstruction']:.4f} | {auroc['density']:.4f} |")
+              f"{row['wall_seconds']:.1f} | {row['training_seconds']:.1f} | {row['cpu_seconds']:.1f} | "
+              f"{auroc['combined']:.4f} | {auroc['reconstruction']:.4f} | {auroc['density']:.4f} | "
+              f"{row['load_1min'][0]} / {row['load_1min'][1]} |")
     if args.json:
         args.json.write_text(json.dumps({"dataset": args.dataset, "normal_class": args.normal_class,
                                          "limit": args.limit, "rows": rows}, indent=1) + "\n")
