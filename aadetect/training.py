@@ -212,6 +212,9 @@ def train_autoencoder(images: torch.Tensor, arch: Architecture, config: TrainCon
     # under torchrun, each process takes every world_size-th image of each batch, and the networks are called
     # through wrappers that average their gradients over the processes; alone, the networks themselves
     rank, world_size = distributed.rank(), distributed.size()
+    if config.batch_size < 2 * world_size:  # batch norm needs two images in each process
+        raise UserError(f"--batch-size {config.batch_size} leaves some of the {world_size} processes fewer than 2 "
+                        f"images of each batch; use at least {2 * world_size}")
     encoder, decoder, discriminator = (distributed.wrap(net, device)
                                        for net in (model.encoder, model.decoder, model.discriminator))
 
