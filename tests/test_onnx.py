@@ -220,6 +220,16 @@ def test_a_calibration_makes_the_export_stale_until_it_is_exported_again(calibra
     assert jsonl(result.stdout)[0]["anomaly_log_odds"] is not None
 
 
+def test_the_same_model_gives_the_same_graph_byte_for_byte(calibrated, calibrated_exported, tmp_path):
+    from aadetect import store
+
+    again = tmp_path / "model"
+    shutil.copytree(calibrated, again)
+    assert invoke("export", "--model", again, "--format", "onnx", "--quiet").exit_code == 0
+    assert (again / "model.onnx").read_bytes() == (calibrated_exported / "model.onnx").read_bytes()
+    assert store.read_card(again).export == store.read_card(calibrated_exported).export
+
+
 def test_a_model_without_an_export_says_how_to_make_one(model_dir, dataset):
     one = sorted(dataset["good"].iterdir())[0]
     result = invoke("score", "--model", model_dir, "--engine", "onnx", one)
