@@ -147,6 +147,61 @@ def scoring(work: Path, count: int, repeats: int, device: str = "cpu") -> dict:
             "pillow_alone_us_per_image": 1e6 * statistics.median(pillow_times)}
 
 
+def onnx_scoring(work: Path, count: int, repeats: int) -> dict:
+    """torch against ONNX Runtime (`aadetect export`, issue 28) on the same 64x64 RGB model: decoded tensors
+    with the maps (the exported graph always draws them), and `score_images` streaming PNG files."""
+    from aadetect.export import export_model
+    from aadetect.images import find_images, load_images
+    from aadetect.onnx_engine import OnnxDetector
+    from aadetect.scoring import Detector, anomaly_maps
+
+    data, model = work / "rgb64-train", work / "rgb64-model"
+    if not model.exists():
+        write_images(data, 256, 64, 3)
+        train_tiny_model(data, model, 64)
+    start = time.perf_counter()
+    export_model(model)
+    export_s = time.perf_counter() - start
+    folder = write_images(work / "onnx-score", count, 64, 3, seed=4)
+    refs = find_images(folder)
+    pixels, _, _ = load_images(refs, 64, 3)
+    array = pixels.numpy()
+    detector, engine = Detector.load(model, "cpu"), OnnxDetector.load(model)
+
+    def timed(run) -> float:
+        start = time.perf_counter()
+        run()
+        return time.perf_counter() - start
+
+    runs = {
+        "torch_tensor": lambda: anomaly_maps(detector.score(pixels, maps=True), detector.thresholds),
+        "onnx_tensor": lambda: engine.run(array),
+        "torch_streaming": lambda: list(detector.score_images(refs)),
+        "onnx_streaming": lambda: list(engine.score_images(refs)),
+    }
+    for run in runs.values():  # warm-up
+        run()
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(repeats):  # interleaved, so all see the same machine
+        for name, run in runs.items():
+            times[name].append(timed(run))
+    rates = {f"{name}_images_per_s": count / statistics.median(values) for name, values in times.items()}
+    return {"images": count, "rounds": repeats, "export_s": export_s,
+            "onnx_bytes": (model / "model.onnx").stat().st_size, **rates}
+
+
+def render_onnx(results: dict) -> str:
+    o = results["onnx"]
+    return "\n".join([
+        f"| 64x64 RGB, {o['images']} images (medians of {o['rounds']} interleaved rounds) | torch | ONNX Runtime |",
+        "|---|---|---|",
+        f"| decoded tensors, with the maps | {o['torch_tensor_images_per_s']:.0f} images/s | "
+        f"{o['onnx_tensor_images_per_s']:.0f} images/s |",
+        f"| `score_images`, streaming PNG files (peaks included) | {o['torch_streaming_images_per_s']:.0f} images/s "
+        f"| {o['onnx_streaming_images_per_s']:.0f} images/s |",
+        f"| `aadetect export --format onnx` | | {o['export_s']:.1f} s, {o['onnx_bytes'] / 1e6:.1f} MB |"])
+
+
 def local_scoring(work: Path, count: int, repeats: int) -> dict:
     """End to end at 128 px with the default code grid (16x16 codes): `aadetect score FOLDER --format jsonl`
     in a fresh process, PNG files in, rows out, with and without heatmaps."""
@@ -251,7 +306,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke run")
     parser.add_argument("--json", type=Path, help="also write the numbers here")
     parser.add_argument("--device", default="cpu", help="cpu (everything) or cuda (KDE, scoring, training)")
+    parser.add_argument("--onnx-only", action="store_true", help="only torch against ONNX Runtime (issue 28)")
     args = parser.parse_args(argv)
+    if args.onnx_only:
+        work = Path(tempfile.mkdtemp(prefix="aadetect-speed-"))
+        try:
+            results = {"machine": machine(), "onnx": onnx_scoring(work, 500 if args.quick else 2000, 3 if args.quick else 5)}
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        print(f"machine: {results['machine']}\n\n{render_onnx(results)}")
+        if args.json:
+            args.json.write_text(json.dumps(results, indent=2, default=str))
+        return 0
     if args.device != "cpu":
         return gpu_main(args)
     repeats = 3 if args.quick else 5
@@ -262,12 +328,13 @@ def main(argv: list[str] | None = None) -> int:
         kde = measure_kde_speed(2000, 1000, 16, 3) if args.quick else measure_kde_speed()
         results["kde"] = kde
         results["scoring"] = scoring(work, 500 if args.quick else 5000, 3 if args.quick else 7)
+        results["onnx"] = onnx_scoring(work, 500 if args.quick else 2000, 3 if args.quick else 5)
         results["local"] = local_scoring(work, 300 if args.quick else 2000, 1 if args.quick else 3)
         results["memory"] = peak_rss(work, (200, 1000) if args.quick else (1000, 20000))
         results["training"] = training(1 if args.quick else 3)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    print(render(results))
+    print(render(results) + "\n\n" + render_onnx(results))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2, default=str))
     return 0
