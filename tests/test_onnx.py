@@ -237,6 +237,13 @@ def test_a_model_without_an_export_says_how_to_make_one(model_dir, dataset):
     assert "no onnx export" in result.stderr and "aadetect export" in result.stderr
 
 
+def test_the_onnx_engine_runs_on_the_cpu_only(exported, dataset):
+    one = sorted(dataset["good"].iterdir())[0]
+    result = invoke("score", "--model", exported, "--engine", "onnx", "--device", "cuda", one)
+    assert result.exit_code == 2 and "--engine onnx runs on the CPU" in result.stderr
+    assert invoke("score", "--model", exported, "--engine", "onnx", "--device", "cpu", one).exit_code == 0
+
+
 def test_a_damaged_export_is_one_line(exported, tmp_path, dataset):
     import dataclasses
 
