@@ -213,6 +213,9 @@ def train(
     memory_limit_mb: Annotated[int, typer.Option(help="Keep decoded training images in memory up to this size; "
                                                       "above it, read them from disk every epoch.")
                                ] = TrainConfig.memory_limit_mb,
+    density_codes: Annotated[int, typer.Option(help="Most training codes the density holds (every image scored is "
+                                                    "compared with each): above it, a sample drawn with --seed.")
+                             ] = TrainConfig.density_codes,
     resume: Annotated[bool, typer.Option(help="Continue an interrupted run from its checkpoint.")] = False,
     list_rejected: Annotated[bool, typer.Option(help="Print the training images rejected as likely outliers "
                                                      "on stdout, one per line.")] = False,
@@ -223,7 +226,8 @@ def train(
                          batch_size=batch_size,
                          error=error.value, code_radius=code_radius.value, extra_convs=extra_convs,
                          shift_radius=shift_radius, seed=seed, device=device,
-                         adversarial=adversarial, robust=robust, strict=strict, memory_limit_mb=memory_limit_mb)
+                         adversarial=adversarial, robust=robust, strict=strict, memory_limit_mb=memory_limit_mb,
+                         density_codes=density_codes)
     from aadetect import pipeline, store
 
     reporter = reporter_for(quiet)

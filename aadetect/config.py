@@ -22,6 +22,7 @@ MAX_SHIFT_RADIUS = 2  # (2r + 1)^2 forward passes an image: 25 at most
 MAX_EPOCHS = 100_000
 MAX_BATCH_SIZE = 1 << 20
 MAX_MEMORY_MB = 1 << 30
+DENSITY_CODES = 20_000  # kept codes the density holds at most: Scott's bandwidth shrinks as n^(-1/(d+4))
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,8 @@ class TrainConfig:
     target_fpr: float = 0.05
     strict: bool = False
     memory_limit_mb: int = 4096  # decoded training images above this are read from disk each epoch
+    # every query is compared with every code the density holds: above this many kept images, a seeded sample
+    density_codes: int = DENSITY_CODES
 
     def __post_init__(self) -> None:
         """Fail fast, before any expensive work, on settings that cannot work."""
@@ -81,6 +84,8 @@ class TrainConfig:
         check_fraction("the default thresholds' target FPR", self.target_fpr)  # not a train option
         if not 0 <= self.memory_limit_mb <= MAX_MEMORY_MB:
             raise UserError(f"--memory-limit-mb must be between 0 and {MAX_MEMORY_MB:,}, got {self.memory_limit_mb}")
+        if not 2 <= self.density_codes <= MAX_BATCH_SIZE:
+            raise UserError(f"--density-codes must be between 2 and {MAX_BATCH_SIZE:,}, got {self.density_codes}")
         if not 0.0 < self.learning_rate < math.inf:  # also refuses NaN, which every comparison passes
             raise UserError(f"the learning rate must be a positive number, got {self.learning_rate}")
         if self.patience < 1:  # 0 would stop before the first epoch and save untrained weights

@@ -88,7 +88,7 @@ def _train_into(model_dir: Path, data: Path, config: TrainConfig, device: str, r
     checkpoint_file = store.checkpoint_path(model_dir)
     # what the networks depend on: the code radius and the shift radius only shape the density after training
     training_settings = {k: v for k, v in dataclasses.asdict(config).items()
-                         if k not in ("code_radius", "shift_radius")}
+                         if k not in ("code_radius", "shift_radius", "density_codes")}
     world_size = distributed.size()
     identity = {"settings": training_settings, "data_sha256": data_sha256, "world_size": world_size,
                 "device": device.split(":")[0] if world_size > 1 else device}  # (each process has its own GPU)
@@ -242,9 +242,10 @@ def fit_detector(pixels, config: TrainConfig, *, device: str | None = None, on_s
                         f"{len(result.train_indices)} training images as likely outliers, and the "
                         f"{len(fit_indices)} kept are too few for {latent_dim}-dimensional codes; use more "
                         f"images, a smaller --latent-dim (below {len(fit_indices)}) or --no-robust")
+    density_indices = density_sample(fit_indices, config.density_codes, config.seed)
     with exact_math(device):
         fit_images = pixels[torch.from_numpy(fit_indices)]
-        codes, _ = encode_all(model, fit_images, device, "mse")
+        codes, _ = encode_all(model, pixels[torch.from_numpy(density_indices)], device, "mse")
         if config.error in SCALED_MEASURES:
             model.error_scale.copy_(residual_scale(model, fit_images, device, config.error))
     try:
@@ -258,7 +259,15 @@ def fit_detector(pixels, config: TrainConfig, *, device: str | None = None, on_s
     held_out_errors, held_out_codes = detector.encode_views(pixels[torch.from_numpy(result.validation_indices)])
     validation = detector.measure_codes(held_out_errors, held_out_codes)
     detector.thresholds = default_thresholds(validation, config.target_fpr)
-    return FittedDetector(detector, result, validation, fit_indices, held_out_codes)
+    return FittedDetector(detector, result, validation, density_indices, held_out_codes)
+
+
+def density_sample(kept: np.ndarray, most: int, seed: int) -> np.ndarray:
+    """The kept images whose codes the density holds: all of them, or above `most`, a sample drawn with the
+    training seed (sorted, as the kept images are), so the density's cost per query stays bounded."""
+    if len(kept) <= most:
+        return kept
+    return np.sort(np.random.default_rng(seed).choice(kept, size=most, replace=False))
 
 
 def _read_checkpoint(path: Path, identity: dict) -> dict:

@@ -602,3 +602,17 @@ def test_the_density_is_averaged_over_the_image_moved_by_a_pixel(model_dir, data
                 per_view.append(detector.density.log_density(detector.model.encoder(view).double()))
     np.testing.assert_allclose(log_density, logsumexp(per_view, axis=0) - np.log(9), rtol=1e-4)  # float32 batches
     assert np.abs(log_density - per_view[4]).max() > 1e-3  # the moved views count: not the image alone
+
+
+def test_the_density_holds_at_most_density_codes_a_seeded_sample(model_dir, dataset, tmp_path):
+    out = tmp_path / "capped"
+    result = invoke("train", dataset["train"], "--out", out, *TRAIN_ARGS, "--density-codes", "40")
+    assert result.exit_code == 0, result.stderr
+    card = ModelCard.from_yaml((out / "card.yaml").read_text())
+    held = (out / "density_images.txt").read_text().splitlines()
+    kept = (model_dir / "density_images.txt").read_text().splitlines()  # the same training, uncapped
+    assert card.density.n_codes == 40 == len(held) and card.settings.density_codes == 40
+    assert set(held) < set(kept) and held == sorted(held, key=kept.index)  # a sample of the kept, in their order
+    assert (out / "weights.pt").read_bytes() == (model_dir / "weights.pt").read_bytes()  # the networks: unchanged
+    scores = invoke("score", "--model", out, dataset["anomalous"], "--format", "jsonl")
+    assert scores.exit_code == 1  # still finds the anomalies
