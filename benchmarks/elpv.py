@@ -122,12 +122,12 @@ def read_labels(elpv_dir: Path) -> list[tuple[str, float, str]]:
     return rows
 
 
-def select(labels, seed: int) -> dict[str, list[str]]:
-    """Image paths per split folder, from the monocrystalline cells only."""
-    mono = [(path, p) for path, p, kind in labels if kind == "mono"]
-    good = sorted(path for path, p in mono if p == 0)
-    defective = sorted(path for path, p in mono if p == 1)
-    probable = sorted(path for path, p in mono if 2 / 3 - 1e-6 < p < 1)  # stored as 0.666...
+def select(labels, seed: int, cell_type: str = "mono") -> dict[str, list[str]]:
+    """Image paths per split folder, from the cells of one type (mono: the tuning set; poly: the check)."""
+    cells = [(path, p) for path, p, kind in labels if kind == cell_type]
+    good = sorted(path for path, p in cells if p == 0)
+    defective = sorted(path for path, p in cells if p == 1)
+    probable = sorted(path for path, p in cells if 2 / 3 - 1e-6 < p < 1)  # stored as 0.666...
     rng = np.random.default_rng([seed, SPLIT_FORMAT])
     good = [good[i] for i in rng.permutation(len(good))]
     defective = [defective[i] for i in rng.permutation(len(defective))]
@@ -143,16 +143,16 @@ def select(labels, seed: int) -> dict[str, list[str]]:
     return {k: sorted(v) for k, v in folders.items()}
 
 
-def write_split(elpv_dir: Path, out_dir: Path, seed: int) -> dict:
+def write_split(elpv_dir: Path, out_dir: Path, seed: int, cell_type: str = "mono") -> dict:
     """Write the split folders (reusing a complete one with the same parameters); returns the manifest."""
-    params = {"dataset": "elpv", "source": (elpv_dir / "SOURCE").read_text().strip(), "type": "mono",
+    params = {"dataset": "elpv", "source": (elpv_dir / "SOURCE").read_text().strip(), "type": cell_type,
               "seed": seed, "train_fraction": TRAIN_FRACTION, "n_cal": N_CAL, "format": SPLIT_FORMAT}
     manifest_path = out_dir / "split.json"
     if manifest_path.is_file():
         old = json.loads(manifest_path.read_text())
         if old.get("params") == params and old.get("complete"):
             return old
-    folders = select(read_labels(elpv_dir), seed)
+    folders = select(read_labels(elpv_dir), seed, cell_type)
     tmp = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     for folder, paths in folders.items():
@@ -329,7 +329,8 @@ def run_peer(method: str, px: Pixels, seed: int, args) -> dict:
 
 def markdown(results: dict) -> str:
     counts = results["split"]["counts"]
-    lines = [f"ELPV monocrystalline cells, seed {results['settings']['seed']}: "
+    cell_type = {"mono": "monocrystalline", "poly": "polycrystalline"}[results["settings"].get("cell_type", "mono")]
+    lines = [f"ELPV {cell_type} cells, seed {results['settings']['seed']}: "
              f"train {counts['train/good']} good, calibrate {counts['calibrate/good']}+"
              f"{counts['calibrate/anomalous']}, test {counts['test/good']} good vs "
              f"{counts['test/anomalous']} (probability 1) / {counts['test/anomalous-067']} (probability >= 0.67)"]
@@ -361,6 +362,9 @@ def parse_args(argv=None):
     p.add_argument("--out", type=Path, default=None, help="results JSON (default RESULTS_DIR/elpv-mono-TIME.json)")
     p.add_argument("--resume", type=Path, default=None, help="continue a results JSON: skip methods already done")
     p.add_argument("--seed", type=int, default=0, help="split and training seed (default 0)")
+    p.add_argument("--cell-type", choices=("mono", "poly"), default="mono",
+                   help="mono (default): the cells designs are tuned on; poly: the independent check, the same "
+                        "split rule on the polycrystalline cells (never tune on it)")
     p.add_argument("--ae-epochs", type=int, default=AE_EPOCHS, help=f"conv-ae-kde epochs (default {AE_EPOCHS})")
     p.add_argument("--svdd-epochs", type=int, default=O.SVDD_EPOCHS,
                    help=f"PyOD DeepSVDD epochs (default {O.SVDD_EPOCHS}, as oneclass.py)")
@@ -380,7 +384,8 @@ def main(argv=None) -> int:
     elpv_dir = args.cache / "elpv"
     if not (elpv_dir / "labels.csv").is_file():
         sys.exit(f"no ELPV data in {elpv_dir}: run benchmarks/fetch_elpv.sh first")
-    settings = {"seed": args.seed, "ae_epochs": args.ae_epochs, "svdd_epochs": args.svdd_epochs}
+    settings = {"seed": args.seed, "ae_epochs": args.ae_epochs, "svdd_epochs": args.svdd_epochs,
+                "cell_type": args.cell_type}
     if args.resume:
         out_path, results = args.resume, json.loads(args.resume.read_text())
         if results["settings"] != settings:
@@ -388,7 +393,7 @@ def main(argv=None) -> int:
         results["rows"] = [r for r in results["rows"] if "error" not in r]
     else:
         args.results_dir.mkdir(parents=True, exist_ok=True)
-        out_path = args.out or args.results_dir / f"elpv-mono-{time.strftime('%Y%m%d-%H%M%S')}.json"
+        out_path = args.out or args.results_dir / f"elpv-{args.cell_type}-{time.strftime('%Y%m%d-%H%M%S')}.json"
         results = {"settings": settings, "rows": []}
     argv_used = sys.argv[1:] if argv is None else list(argv)
     results.setdefault("invocations", []).append(
@@ -400,8 +405,8 @@ def main(argv=None) -> int:
         tmp.write_text(json.dumps(results, indent=1, default=str) + "\n")
         tmp.replace(out_path)
 
-    split_dir = args.workdir / "splits" / f"elpv-mono-s{args.seed}"
-    manifest = write_split(elpv_dir, split_dir, args.seed)
+    split_dir = args.workdir / "splits" / f"elpv-{args.cell_type}-s{args.seed}"
+    manifest = write_split(elpv_dir, split_dir, args.seed, args.cell_type)
     results["split"] = {"dir": str(split_dir), "params": manifest["params"], "counts": manifest["counts"]}
     log(f"split {split_dir}: {manifest['counts']}; results -> {out_path}")
     done = {r["method"] for r in results["rows"]}
