@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import shutil
 import signal
@@ -34,6 +33,12 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run as a script: benchmarks/ is a package of the repository
+    sys.path.insert(0, str(REPO))
+
+from benchmarks.speed import machine  # noqa: E402
 
 PYTHON = sys.executable
 IMAGE_SIZE = 64
@@ -249,18 +254,6 @@ def differs_from_cli(answers: Answers, cli_rows: dict[str, dict]) -> list[str]:
                   != cli_rows[name])
 
 
-def machine() -> dict:
-    import torch
-
-    model_name = ""
-    try:
-        model_name = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if "model name" in line)
-    except (OSError, StopIteration):
-        pass
-    return {"cpu": model_name, "cores": os.cpu_count(), "torch": torch.__version__,
-            "python": platform.python_version(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
-
-
 def commit() -> str:
     result = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=Path(__file__).parent)
@@ -313,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     latencies_ms = 1000 * np.array(load["latencies"])
     errors = warm_up_errors + load["errors"]
     results = {
-        "machine": {**machine(), "load_average_before": load_average_before, "load_average_after": os.getloadavg()},
+        "machine": {**machine(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "load_average_before": load_average_before, "load_average_after": os.getloadavg()},
         "commit": commit(),
         "model": {**{key: served_model[key] for key in ("image_size", "channels", "code_grid", "error_measure")},
                   "training_images": served_model["training_data"]["images"],
