@@ -173,7 +173,7 @@ def train(
     out: Annotated[Path, typer.Option("--out", "-o", envvar="AADETECT_MODEL",
                                       help="Model folder to write (env: AADETECT_MODEL).")] = Path(DEFAULT_MODEL),
     epochs: Annotated[int, typer.Option(help="Most training epochs (early stopping may end sooner); 0 = auto: 20, "
-                                             "or 30 for a code grid.")
+                                             "or 28 for a code grid.")
                       ] = TrainConfig.epochs,
     image_size: Annotated[int, typer.Option(help="Side in pixels the images are resized to; 0 = auto: the "
                                                  "images' own size (to a multiple of 4) up to 32, 64 up to 127, "
