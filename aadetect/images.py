@@ -52,6 +52,20 @@ class ImageRef:
         return base if self.index is None else f"{base}[{self.index}]"
 
 
+def checked_refs(refs) -> list[ImageRef]:
+    """`refs` as a list, or a plain error for a folder name or paths where ImageRefs belong (`score_images`
+    would otherwise fail deep inside with an AttributeError)."""
+    if isinstance(refs, (str, os.PathLike)):
+        got = type(refs).__name__
+    else:
+        refs = list(refs)
+        stray = next((ref for ref in refs if not isinstance(ref, ImageRef)), None)
+        if stray is None:
+            return refs
+        got = f"a {type(stray).__name__} among them"
+    raise UserError(f"score_images takes ImageRefs, as find_images(path) returns; got {got}")
+
+
 def find_images(path: str | os.PathLike) -> list[ImageRef]:
     """All images under a folder (recursively, sorted), in an array file, or the one image file."""
     given = os.fspath(path)

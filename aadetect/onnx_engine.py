@@ -20,7 +20,7 @@ import numpy as np
 from aadetect import store
 from aadetect.errors import UserError, first_line
 from aadetect.heatmaps import in_original, peak_position
-from aadetect.images import ImageRef, decode_sized
+from aadetect.images import ImageRef, checked_refs, decode_sized
 
 FORMAT = "onnx"
 INPUT = "pixels"  # uint8 (N, C, S, S)
@@ -94,11 +94,7 @@ class OnnxDetector:
         """(ref, numbers, error) in input order, as `Detector.score_images` yields them: the numbers include
         `peak_x`, `peak_y`; with `maps`, also `anomaly_map` (S, S) in threshold units and `image_size`, the
         image's own (width, height). An image that cannot be read gives its error instead."""
-        refs = list(refs)
-        stray = next((ref for ref in refs if not isinstance(ref, ImageRef)), None)
-        if stray is not None:
-            raise UserError(f"score_images takes ImageRefs, as find_images(path) returns; got a "
-                            f"{type(stray).__name__} among them")
+        refs = checked_refs(refs)
         # ONNX Runtime lets go of the GIL: this thread decodes the next batch, and finds the last one's peaks,
         # while a batch runs
         with ThreadPoolExecutor(1) as runner:

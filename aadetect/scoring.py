@@ -23,7 +23,7 @@ from aadetect import store
 from aadetect.card import Thresholds
 from aadetect.devices import exact_math, resolve_device
 from aadetect.errors import UserError
-from aadetect.images import ImageRef, ImagesOnDisk, iterate_batches, materialize
+from aadetect.images import ImageRef, ImagesOnDisk, checked_refs, iterate_batches, materialize
 from aadetect.density import GridDensity, pooled
 from aadetect.heatmaps import blurred, in_original, peak_position
 from aadetect.model import flat_codes, pixel_error, pooled_error, shifted_views, to_input
@@ -344,7 +344,7 @@ class Detector:
         while the pool measures the batches decoded before, a few ahead, so memory stays flat.
         Until the stream ends, torch runs on one thread in this thread too (see `piece_pool`).
         """
-        refs = _checked_refs(refs)
+        refs = checked_refs(refs)
         on_gpu = str(self.device).startswith("cuda")
         if workers is None:
             workers = decoding_workers(len(refs), DECODE_BATCH, on_gpu)
@@ -379,19 +379,6 @@ class Detector:
                 rows[index] = (row, None)
         for index in sorted(rows):
             yield refs[index], *rows[index]
-
-
-def _checked_refs(refs) -> list[ImageRef]:
-    """A plain error for a folder name or paths where ImageRefs belong (a deep AttributeError otherwise)."""
-    if isinstance(refs, (str, os.PathLike)):
-        got = type(refs).__name__
-    else:
-        refs = list(refs)
-        stray = next((ref for ref in refs if not isinstance(ref, ImageRef)), None)
-        if stray is None:
-            return refs
-        got = f"a {type(stray).__name__} among them"
-    raise UserError(f"score_images takes ImageRefs, as find_images(path) returns; got {got}")
 
 
 def joined(parts: list[Measurements | None]) -> Measurements:
