@@ -51,8 +51,8 @@ UNDERFLOW = 1e-200  # a direct sum this small is redone with a max-shifted logsu
 
 
 def map_radius(codes, radius: str):
-    """Codes (a float64 torch tensor, (n, d)) as the KDE sees them: "linear" keeps them, "sqrt"
-    square-roots each one's length.
+    """Codes (a float64 torch tensor, (..., d)) as the KDE sees them: "linear" keeps them, "sqrt"
+    square-roots each one's length. In ops the ONNX exporter takes too (`aadetect.export`).
 
     Row by row, so a code maps the same in any batch; fitting and queries share this one path,
     so a training code queried again lands exactly on its kernel. A zero code stays zero.
@@ -63,9 +63,9 @@ def map_radius(codes, radius: str):
         raise ValueError(f"radius must be one of {', '.join(CODE_RADII)}, got {radius!r}")
 
     tiny = torch.finfo(codes.dtype).tiny
-    largest = codes.abs().amax(dim=1, keepdim=True).clamp_min(tiny)  # scaled, so 1e200 neither overflows
-    length = largest * (codes / largest).square().sum(dim=1, keepdim=True).sqrt()  # nor 1e-200 underflows
-    return codes / length.clamp_min(tiny).sqrt()
+    largest = codes.abs().amax(dim=-1, keepdim=True).clamp(min=tiny)  # scaled, so 1e200 neither overflows
+    length = largest * (codes / largest).square().sum(dim=-1, keepdim=True).sqrt()  # nor 1e-200 underflows
+    return codes / length.clamp(min=tiny).sqrt()
 
 
 def _parse_bandwidth(bandwidth: Any) -> str | float:

@@ -33,7 +33,7 @@ from torch import nn
 from aadetect import store
 from aadetect.atomic import check_writable
 from aadetect.card import EXPORT_FORMATS, Export, ModelCard, Thresholds
-from aadetect.density import LOW_CELLS, GridDensity
+from aadetect.density import LOW_CELLS, GridDensity, map_radius
 from aadetect.errors import UserError
 from aadetect.model import flat_codes, pixel_error, pooled_error, shifted_views
 from aadetect.onnx_engine import INPUT, OUTPUTS, REASONS
@@ -70,16 +70,6 @@ class _Kernels(nn.Module):
         exponent = (exponent - 0.5 * whitened.square().sum(2, keepdim=True)).clamp(max=0.0)
         top = exponent.amax(2, keepdim=True)
         return torch.log(torch.exp(exponent - top).sum(2)) + top[..., 0] - self.log_norm
-
-
-def map_radius(codes: torch.Tensor, radius: str) -> torch.Tensor:
-    """`density.map_radius`, over the last axis, in ops the exporter takes."""
-    if radius == "linear":
-        return codes
-    tiny = torch.finfo(codes.dtype).tiny
-    largest = codes.abs().amax(dim=-1, keepdim=True).clamp(min=tiny)
-    length = largest * (codes / largest).square().sum(dim=-1, keepdim=True).sqrt()
-    return codes / length.clamp(min=tiny).sqrt()
 
 
 class ScoringGraph(nn.Module):
