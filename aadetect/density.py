@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from aadetect.atomic import write_atomic
-from aadetect.config import CODE_RADII
+from aadetect.config import CODE_RADII, LOW_CELLS
 from aadetect.parallel import piece_pool
 
 __all__ = ["GridDensity", "KernelDensity", "map_radius"]
@@ -598,9 +598,6 @@ class GridDensity(_KernelChoice):
 
     def to_bytes(self) -> bytes:
         return _npz_bytes(self.state_dict())
-
-
-LOW_CELLS = 0.04  # the fraction of an image's cells, the least likely ones, whose log-densities are averaged
 
 
 def pooled(local_log_density: np.ndarray) -> np.ndarray:

@@ -33,7 +33,8 @@ from torch import nn
 from aadetect import store
 from aadetect.atomic import check_writable
 from aadetect.card import EXPORT_FORMATS, Export, ModelCard, Thresholds
-from aadetect.density import LOW_CELLS, GridDensity, map_radius
+from aadetect.config import LOW_CELLS
+from aadetect.density import GridDensity, map_radius
 from aadetect.errors import UserError
 from aadetect.model import flat_codes, pixel_error, pooled_error, shifted_views
 from aadetect.onnx_engine import INPUT, OUTPUTS, REASONS
@@ -115,7 +116,7 @@ class ScoringGraph(nn.Module):
         count = images.shape[0]
         reconstruction = self.decoder(codes[:count])
         per_pixel = pixel_error(reconstruction, images, self.measure, self.error_scale)  # (N, S, S)
-        errors = pooled_error(per_pixel, self.measure).double()
+        errors = pooled_error(per_pixel, self.measure, self.grid).double()
         rows = flat_codes(codes).double()
         if self.local:  # one view: each position's codes against that position's kernels
             queries = map_radius(rows.reshape(count, self.grid ** 2, self.latent), self.radius).transpose(0, 1)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from aadetect.config import SCALED_MEASURES, Architecture
+from aadetect.config import LOW_CELLS, SCALED_MEASURES, Architecture
 from aadetect.images import materialize
 
 
@@ -151,14 +151,22 @@ def pixel_error(reconstruction: torch.Tensor, images: torch.Tensor, measure: str
     return error_map(reconstruction, images, measure, scale).square().mean(1)
 
 
-def pooled_error(per_pixel: torch.Tensor, measure: str) -> torch.Tensor:
-    """One error per image from `pixel_error`: the mean over the worst 10% of the pixels (ssim), or
-    over all of them."""
-    per_pixel = per_pixel.flatten(1)
+def pooled_error(per_pixel: torch.Tensor, measure: str, grid: int = 1) -> torch.Tensor:
+    """One error per image from `pixel_error` (B, S, S), cell by cell of a code grid (`grid` cells a side):
+    each cell's error is the mean over its worst 10% of pixels (ssim) or over all of them; the image's is
+    the mean of its worst LOW_CELLS of cells, as the density pools the cells' log-densities. A thin crack
+    fills few pixels of a large image, and its neighbourhoods are where it shows. With one cell (grid 1),
+    simply the image's worst 10% of pixels, or all of them."""
+    count, size = per_pixel.shape[0], per_pixel.shape[-1]
+    cell = size // grid
+    cells = per_pixel.reshape(count, grid, cell, grid, cell).transpose(2, 3).reshape(count, grid * grid, cell * cell)
     if measure == "ssim":
-        worst = max(1, round(WORST_FRACTION * per_pixel.shape[1]))
-        return per_pixel.topk(worst, dim=1, sorted=False).values.mean(1)
-    return per_pixel.mean(1)
+        worst = max(1, round(WORST_FRACTION * cell * cell))
+        cell_errors = cells.topk(worst, dim=2, sorted=False).values.mean(2)
+    else:
+        cell_errors = cells.mean(2)
+    worst_cells = max(1, round(LOW_CELLS * grid * grid))
+    return cell_errors.topk(worst_cells, dim=1, sorted=False).values.mean(1)
 
 
 def reconstruction_error(reconstruction: torch.Tensor, images: torch.Tensor, measure: str,
@@ -168,7 +176,8 @@ def reconstruction_error(reconstruction: torch.Tensor, images: torch.Tensor, mea
     good image counts more when it is off; or ssim: the structural dissimilarity, scaled per pixel
     as scaled-mse, squared and averaged over the worst 10% of the pixels, so that a small defect (a
     parasite in a cell) is not diluted by the many pixels rebuilt well, and a texture rebuilt a
-    little blurred counts less than a missing or extra part."""
+    little blurred counts less than a missing or extra part. Pooled over the whole image (training
+    judges images so); scoring pools a code grid's cells (`pooled_error`)."""
     return pooled_error(pixel_error(reconstruction, images, measure, scale), measure)
 
 

@@ -293,7 +293,7 @@ class Detector:
             codes = self.model.encoder(shifted_views(images, self.shift_radius))  # the unmoved images first
             reconstruction = self.model.decoder(codes[:size])
             per_pixel = pixel_error(reconstruction, images, self.error_measure, self.model.error_scale)
-            errors = pooled_error(per_pixel, self.error_measure)
+            errors = pooled_error(per_pixel, self.error_measure, self.model.arch.code_grid)
             codes = flat_codes(codes).view(len(codes) // size, size, -1)
             return (errors[:count].double().cpu().numpy(), codes if padded else codes[:, :count],
                     per_pixel[:count].float().cpu().numpy())
