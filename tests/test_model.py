@@ -8,7 +8,7 @@ torch = pytest.importorskip("torch")
 
 from aadetect.config import Architecture  # noqa: E402
 from aadetect.images import choose_image_size  # noqa: E402
-from aadetect.model import AdversarialAutoencoder, reconstruction_error  # noqa: E402
+from aadetect.model import AdversarialAutoencoder, pooled_error, reconstruction_error  # noqa: E402
 
 
 def test_smooth_mse_is_per_image():
@@ -109,6 +109,25 @@ def test_ssim_error_is_not_diluted_by_the_pixels_rebuilt_well():
     assert reconstruction_error(defect, images, "ssim", scale).item() == pytest.approx(4 * local, rel=1e-4)
     with pytest.raises(ValueError, match="scale"):
         reconstruction_error(defect, images, "ssim")
+
+
+@pytest.mark.parametrize("measure", ["ssim", "mse"])
+def test_a_code_grid_pools_the_error_over_its_worst_cells(measure):
+    """With one code per image the error is the image's worst 10% of pixels (ssim) or all of them; with a code
+    grid, each cell pooled so, then the worst 4% of the cells (one of a 4x4 grid): a thin crack in one cell
+    counts as much wherever it lies, and far more than its share of the whole image."""
+    per_pixel = torch.zeros(1, 32, 32)
+    per_pixel[0, 9, 8:16] = 1.0  # a line 8 pixels long, across the cell at row 1, column 1 of a 4x4 grid
+    per_cell = 8 / 64 if measure == "mse" else 1.0  # the cell's pixels: 8 of 64 off; ssim's worst 6 of them
+    whole = 8 / 1024 if measure == "mse" else 8 / 102  # the image's pixels: 8 of 1024; ssim's worst 102
+    assert pooled_error(per_pixel, measure).item() == pytest.approx(whole)
+    assert pooled_error(per_pixel, measure, grid=1).item() == pytest.approx(whole)
+    assert pooled_error(per_pixel, measure, grid=4).item() == pytest.approx(per_cell)
+    moved = torch.roll(per_pixel, shifts=(16, 8), dims=(1, 2))  # the same line, in another cell
+    assert pooled_error(moved, measure, grid=4).item() == pytest.approx(per_cell)
+    two_cells = per_pixel + torch.roll(per_pixel, shifts=16, dims=1)
+    big_grid = pooled_error(two_cells.repeat(1, 2, 2), measure, grid=8)  # 64 cells: the worst 3 (4%), 8 of them hot
+    assert big_grid.item() == pytest.approx(per_cell)
 
 
 def test_shifted_views_move_the_image_and_repeat_its_edges():
