@@ -111,7 +111,9 @@ WORST_FRACTION = 0.1  # the ssim error is the mean over this fraction of each im
 def structural_dissimilarity(reconstruction: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
     """Per-pixel (1 - SSIM) / 2 of each channel (B, C, H, W), in [0, 1]: how far the local means, contrasts and
     correlation of the two images differ around each pixel. Edges repeat into the window. (Float32 variances
-    can put a near-perfect patch a hair below 0, about -1e-4; the ssim error squares it, so that is harmless.)"""
+    can put a near-perfect patch a hair below 0, about -1e-4; the ssim error squares it, so that is harmless.)
+    Variances and the covariance are taken about each image's own mean (they do not change), so that
+    E[x^2] - E[x]^2 does not cancel on a flat patch, where float32 would keep little but rounding."""
     channels = images.shape[1]
     axis = torch.arange(SSIM_WINDOW, dtype=images.dtype, device=images.device) - SSIM_WINDOW // 2
     bell = torch.exp(-axis.square() / (2 * SSIM_SIGMA ** 2))
@@ -123,10 +125,13 @@ def structural_dissimilarity(reconstruction: torch.Tensor, images: torch.Tensor)
         return torch.nn.functional.conv2d(torch.nn.functional.pad(values, (pad,) * 4, mode="replicate"),
                                           window, groups=channels)
 
-    mean_a, mean_b = local_mean(reconstruction), local_mean(images)
-    variance_a = local_mean(reconstruction * reconstruction) - mean_a.square()
-    variance_b = local_mean(images * images) - mean_b.square()
-    covariance = local_mean(reconstruction * images) - mean_a * mean_b
+    level_a, level_b = reconstruction.mean((2, 3), keepdim=True), images.mean((2, 3), keepdim=True)
+    centred_a, centred_b = reconstruction - level_a, images - level_b
+    around_a, around_b = local_mean(centred_a), local_mean(centred_b)
+    mean_a, mean_b = around_a + level_a, around_b + level_b
+    variance_a = local_mean(centred_a * centred_a) - around_a.square()
+    variance_b = local_mean(centred_b * centred_b) - around_b.square()
+    covariance = local_mean(centred_a * centred_b) - around_a * around_b
     similarity = ((2 * mean_a * mean_b + SSIM_C1) * (2 * covariance + SSIM_C2)
                   / ((mean_a.square() + mean_b.square() + SSIM_C1) * (variance_a + variance_b + SSIM_C2)))
     return (1 - similarity) / 2
