@@ -157,19 +157,18 @@ def pixel_error(reconstruction: torch.Tensor, images: torch.Tensor, measure: str
 
 
 def pooled_error(per_pixel: torch.Tensor, measure: str, grid: int = 1) -> torch.Tensor:
-    """One error per image from `pixel_error` (B, S, S), cell by cell of a code grid (`grid` cells a side):
-    each cell's error is the mean over its worst 10% of pixels (ssim) or over all of them; the image's is
-    the mean of its worst LOW_CELLS of cells, as the density pools the cells' log-densities. A thin crack
+    """One error per image from `pixel_error` (B, S, S): the mean over all pixels (mse, scaled-mse), or the
+    local one (ssim): the mean over the worst 10% of each cell's pixels of a code grid (`grid` cells a side),
+    then over the worst LOW_CELLS of the cells, as the density pools the cells' log-densities. A thin crack
     fills few pixels of a large image, and its neighbourhoods are where it shows. With one cell (grid 1),
-    simply the image's worst 10% of pixels, or all of them."""
+    the image's worst 10% of pixels."""
+    if measure != "ssim":
+        return per_pixel.flatten(1).mean(1)
     count, size = per_pixel.shape[0], per_pixel.shape[-1]
     cell = size // grid
     cells = per_pixel.reshape(count, grid, cell, grid, cell).transpose(2, 3).reshape(count, grid * grid, cell * cell)
-    if measure == "ssim":
-        worst = max(1, round(WORST_FRACTION * cell * cell))
-        cell_errors = cells.topk(worst, dim=2, sorted=False).values.mean(2)
-    else:
-        cell_errors = cells.mean(2)
+    worst = max(1, round(WORST_FRACTION * cell * cell))
+    cell_errors = cells.topk(worst, dim=2, sorted=False).values.mean(2)
     worst_cells = max(1, round(LOW_CELLS * grid * grid))
     return cell_errors.topk(worst_cells, dim=1, sorted=False).values.mean(1)
 
