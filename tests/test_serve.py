@@ -174,8 +174,12 @@ def test_without_the_extra_serve_says_how_to_install_it(model_dir):
 @pytest.fixture
 def server(model_dir):
     """The real `aadetect serve` on a free port of 127.0.0.1: (its URL, its process)."""
+    # as a terminal starts it: with Ctrl-C's default action. A test run started in the background of a
+    # non-interactive shell (`.ci/run &`) passes SIGINT down ignored, and Python then never raises
+    # KeyboardInterrupt: uvicorn still stops on it, but exits 0
     process = subprocess.Popen([sys.executable, "-m", "aadetect", "serve", "--model", str(model_dir), "--port", "0",
-                                "--device", "cpu", "--quiet"], stderr=subprocess.PIPE, text=True)
+                                "--device", "cpu", "--quiet"], stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         line = process.stderr.readline()
         match = re.search(r"at (http://127\.0\.0\.1:\d+/) ", line)
