@@ -16,7 +16,7 @@ AUTO = 0  # image_size, latent_dim or code_grid == AUTO: pick it from the data
 LOCAL_IMAGE_SIZE = 128  # from this size on, a code describes each neighbourhood (code_grid > 1) by default
 LOCAL_CELL = 8  # pixels per side of the neighbourhood a local code describes by default
 # the fraction of a code grid's cells, the worst ones, that make an image's two numbers: its log-density is the
-# mean of its cells' lowest, its reconstruction error the mean of their highest (at least one cell)
+# mean of its cells' lowest, its (ssim) reconstruction error the mean of their highest (at least one cell)
 LOW_CELLS = 0.04
 GLOBAL_LATENT, LOCAL_LATENT = 32, 16  # default code sizes: one code per image; one per neighbourhood
 GLOBAL_BATCH, LOCAL_BATCH = 64, 16  # default batch sizes: a grid learns from few large images, in more steps

@@ -105,7 +105,7 @@ def code_rows(codes: torch.Tensor) -> torch.Tensor:
 
 SSIM_WINDOW, SSIM_SIGMA = 5, 1.0  # a small Gaussian window: 28-32 px images have few pixels to spare
 SSIM_C1, SSIM_C2 = 0.01 ** 2, 0.03 ** 2  # the usual stabilisers for pixels in [0, 1] (Wang et al., 2004)
-WORST_FRACTION = 0.1  # the ssim error is the mean over this fraction of each image's pixels, the worst ones
+WORST_FRACTION = 0.1  # the ssim error is the mean over this fraction of each cell's pixels (of the image's, with one code), the worst ones
 
 
 def structural_dissimilarity(reconstruction: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
