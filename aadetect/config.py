@@ -28,6 +28,11 @@ MAX_MEMORY_MB = 1 << 30
 DENSITY_CODES = 20_000  # kept codes the density holds at most: Scott's bandwidth shrinks as n^(-1/(d+4))
 
 
+def worst_cell_count(cells: int) -> int:
+    """How many of an image's `cells` make its two numbers: LOW_CELLS of them, at least one."""
+    return max(1, round(LOW_CELLS * cells))
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Everything that decides what `train` builds; recorded verbatim in the card.

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from aadetect.atomic import write_atomic
-from aadetect.config import CODE_RADII, LOW_CELLS
+from aadetect.config import CODE_RADII, worst_cell_count
 from aadetect.parallel import piece_pool
 
 __all__ = ["GridDensity", "KernelDensity", "map_radius"]
@@ -602,7 +602,7 @@ class GridDensity(_KernelChoice):
 
 def pooled(local_log_density: np.ndarray) -> np.ndarray:
     """Images' log-densities from their cells' (m, positions): the mean of the lowest LOW_CELLS (at least one)."""
-    lowest = max(1, round(LOW_CELLS * local_log_density.shape[1]))
+    lowest = worst_cell_count(local_log_density.shape[1])
     return np.sort(local_log_density, axis=1)[:, :lowest].mean(1)
 
 

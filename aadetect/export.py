@@ -33,7 +33,7 @@ from torch import nn
 from aadetect import store
 from aadetect.atomic import check_writable
 from aadetect.card import EXPORT_FORMATS, Export, ModelCard, Thresholds
-from aadetect.config import LOW_CELLS
+from aadetect.config import worst_cell_count
 from aadetect.density import GridDensity, map_radius
 from aadetect.errors import UserError
 from aadetect.model import flat_codes, pixel_error, pooled_error, shifted_views
@@ -96,7 +96,7 @@ class ScoringGraph(nn.Module):
         if self.odds:
             mixture_state = mixture.state_dict()
             self.mixture = _Kernels(mixture_state["codes"][None], mixture_state["covariance"][None])
-        self.lowest = max(1, round(LOW_CELLS * self.grid ** 2))
+        self.lowest = worst_cell_count(self.grid ** 2)
         thresholds: Thresholds = detector.thresholds
         self.log_reconstruction_cut = math.log(thresholds.reconstruction_cut)
         self.reconstruction_scale = thresholds.reconstruction.scale

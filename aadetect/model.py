@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from aadetect.config import LOW_CELLS, SCALED_MEASURES, Architecture
+from aadetect.config import SCALED_MEASURES, Architecture, worst_cell_count
 from aadetect.images import materialize
 
 
@@ -169,8 +169,7 @@ def pooled_error(per_pixel: torch.Tensor, measure: str, grid: int = 1) -> torch.
     cells = per_pixel.reshape(count, grid, cell, grid, cell).transpose(2, 3).reshape(count, grid * grid, cell * cell)
     worst = max(1, round(WORST_FRACTION * cell * cell))
     cell_errors = cells.topk(worst, dim=2, sorted=False).values.mean(2)
-    worst_cells = max(1, round(LOW_CELLS * grid * grid))
-    return cell_errors.topk(worst_cells, dim=1, sorted=False).values.mean(1)
+    return cell_errors.topk(worst_cell_count(grid * grid), dim=1, sorted=False).values.mean(1)
 
 
 def reconstruction_error(reconstruction: torch.Tensor, images: torch.Tensor, measure: str,
